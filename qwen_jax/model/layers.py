@@ -1,0 +1,154 @@
+"""The Qwen2 decoder layer in Flax NNX: pre-RMSNorm GQA attention and a pre-RMSNorm SwiGLU MLP.
+
+Attribute names follow the Hugging Face checkpoint (`self_attn.q_proj`, `mlp.gate_proj`,
+`input_layernorm`, ...) so that conversion is a table. Projection kernels keep heads as their own
+dimension ([embed, heads, head_dim]) so that tensor parallelism splits whole heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from qwen_jax.model import attention as attention_lib
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.rope import apply_rotary
+from qwen_jax.parallel.logical import constrain
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the architecture runs, as opposed to what it is: dtypes, remat, attention kernel."""
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
+    # Logical names live in `out_sharding`; eager sharding is off because parameters are placed
+    # by the jitted initializer's output shardings, never at construction.
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
+                     eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, runtime: Runtime, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.runtime = runtime
+        self.scale = make_param(rngs, nnx.initializers.ones, (size,), ("norm",), runtime.param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32 as transformers does, whatever the compute dtype.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.runtime.compute_dtype) * normed.astype(self.runtime.compute_dtype)
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        self.config = config
+        self.runtime = runtime
+        h, d = config.hidden_size, config.head_dim
+        nq, nkv = config.num_attention_heads, config.num_key_value_heads
+        normal = nnx.initializers.normal(config.initializer_range)
+        zeros = nnx.initializers.zeros
+        dt = runtime.param_dtype
+        self.q_proj = Projection(rngs, normal, (h, nq, d), ("embed", "q_heads", "head_dim"),
+                                 zeros, ("q_heads", "head_dim"), dt)
+        self.k_proj = Projection(rngs, normal, (h, nkv, d), ("embed", "kv_heads", "head_dim"),
+                                 zeros, ("kv_heads", "head_dim"), dt)
+        self.v_proj = Projection(rngs, normal, (h, nkv, d), ("embed", "kv_heads", "head_dim"),
+                                 zeros, ("kv_heads", "head_dim"), dt)
+        self.o_proj = Projection(rngs, normal, (nq, d, h), ("q_heads", "head_dim", "embed"),
+                                 None, None, dt)
+
+    def __call__(self, x, cos, sin, *, segment_ids, positions, kv_cache=None):
+        """x [b, t, embed]. With `kv_cache` = (keys, values, kv_segment_ids, kv_positions, index),
+        the new keys and values are written at `index` and attention runs over the whole cache."""
+        dtype = self.runtime.compute_dtype
+        q = checkpoint_name(self.q_proj(x, "btd,dhk->bthk", dtype), "qkv_proj")
+        k = checkpoint_name(self.k_proj(x, "btd,dhk->bthk", dtype), "qkv_proj")
+        v = checkpoint_name(self.v_proj(x, "btd,dhk->bthk", dtype), "qkv_proj")
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kv_segment_ids, kv_positions, new_cache = segment_ids, positions, None
+        if kv_cache is not None:
+            cached_k, cached_v, kv_segment_ids, kv_positions, index = kv_cache
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+        out = attention_lib.get(self.runtime.attention_impl)(
+            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+            q_positions=positions, kv_positions=kv_positions)
+        out = checkpoint_name(out, "attn_out")
+        out = checkpoint_name(self.o_proj(out, "bthk,hkd->btd", dtype), "out_proj")
+        return constrain(out, BATCH_LENGTH_EMBED), new_cache
+
+
+class Projection(nnx.Module):
+    """A kernel with an optional bias, applied by an einsum in the compute dtype."""
+
+    def __init__(self, rngs, kernel_init, shape, names, bias_init, bias_names, param_dtype):
+        self.kernel = make_param(rngs, kernel_init, shape, names, param_dtype)
+        self.bias = (make_param(rngs, bias_init, shape[1:], bias_names, param_dtype)
+                     if bias_init is not None else None)
+
+    def __call__(self, x, equation: str, dtype) -> jax.Array:
+        y = jnp.einsum(equation, x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        self.runtime = runtime
+        h, m = config.hidden_size, config.intermediate_size
+        normal = nnx.initializers.normal(config.initializer_range)
+        dt = runtime.param_dtype
+        self.gate_proj = Projection(rngs, normal, (h, m), ("embed", "mlp"), None, None, dt)
+        self.up_proj = Projection(rngs, normal, (h, m), ("embed", "mlp"), None, None, dt)
+        self.down_proj = Projection(rngs, normal, (m, h), ("mlp", "embed"), None, None, dt)
+
+    def __call__(self, x):
+        dtype = self.runtime.compute_dtype
+        gate = checkpoint_name(self.gate_proj(x, "btd,dm->btm", dtype), "mlp_gate_up")
+        up = checkpoint_name(self.up_proj(x, "btd,dm->btm", dtype), "mlp_gate_up")
+        hidden = constrain(jax.nn.silu(gate) * up,
+                           ("activation_batch", "activation_length", "activation_mlp"))
+        out = checkpoint_name(self.down_proj(hidden, "btm,md->btd", dtype), "mlp_out")
+        return constrain(out, BATCH_LENGTH_EMBED)
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime, rngs=rngs)
+        self.self_attn = Qwen2Attention(config, runtime, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime,
+                                                rngs=rngs)
+        self.mlp = Qwen2MLP(config, runtime, rngs=rngs)
+
+    def __call__(self, x, cos, sin, *, segment_ids, positions, kv_cache=None):
+        attn_out, new_cache = self.self_attn(self.input_layernorm(x), cos, sin,
+                                             segment_ids=segment_ids, positions=positions,
+                                             kv_cache=kv_cache)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, BATCH_LENGTH_EMBED), new_cache

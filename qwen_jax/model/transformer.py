@@ -1,0 +1,142 @@
+"""Qwen2ForCausalLM in Flax NNX, with layers stacked and applied by `lax.scan`.
+
+Stacking makes compile time independent of depth: the decoder layer is traced once and its
+parameters carry a leading "layers" axis.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.layers import BATCH_LENGTH_EMBED, Qwen2DecoderLayer, RMSNorm, Runtime, make_param
+from qwen_jax.model.rope import rotary_tables
+from qwen_jax.parallel.logical import constrain
+
+# Which activations a rematerialized layer keeps for the backward pass (jax.checkpoint policies).
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
+        "qkv_proj", "attn_out", "out_proj"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", "out_proj"),
+}
+REMAT_POLICIES = ("none", *_REMAT_POLICIES)
+
+
+class KVCache(NamedTuple):
+    """Decoding state: per-layer keys and values plus, per slot, its segment id and position."""
+
+    keys: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    values: jax.Array
+    segment_ids: jax.Array  # [batch, max_len]; 0 marks an empty or padding slot
+    positions: jax.Array  # [batch, max_len]
+    index: jax.Array  # scalar int32: the next slot to write
+
+    @classmethod
+    def create(cls, config: QwenConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+
+class Embedding(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        self.runtime = runtime
+        self.embedding = make_param(rngs, nnx.initializers.normal(config.initializer_range),
+                                    (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+                                    runtime.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.runtime.compute_dtype)
+
+
+class LMHead(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        self.kernel = make_param(rngs, nnx.initializers.normal(config.initializer_range),
+                                 (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                                 runtime.param_dtype)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime = Runtime(), *, rngs: nnx.Rngs):
+        if runtime.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={runtime.remat_policy!r}; choose one of {REMAT_POLICIES}")
+        self.config = config
+        self.runtime = runtime
+        self.embed_tokens = Embedding(config, runtime, rngs=rngs)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(layer_rngs):
+            return Qwen2DecoderLayer(config, runtime, rngs=layer_rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else LMHead(config, runtime, rngs=rngs)
+
+    def output_kernel(self) -> jax.Array:
+        """The [embed, vocab] matrix that turns hidden states into logits (tied or not)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        dtype = self.runtime.compute_dtype
+        out = jnp.einsum("btd,dv->btv", hidden.astype(dtype), self.output_kernel().astype(dtype),
+                         preferred_element_type=jnp.float32)
+        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
+                      ) -> tuple[jax.Array, KVCache | None]:
+        """Final normed hidden states [batch, length, embed], and the updated cache if one is given."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32),
+                                         input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
+        config = self.config
+        cos, sin = rotary_tables(positions, config.head_dim, config.rope_theta, config.rope_scaling)
+        x = constrain(self.embed_tokens(input_ids), BATCH_LENGTH_EMBED)
+
+        kv_shared = None
+        layer_caches = None
+        if cache is not None:
+            index = cache.index
+            cache = cache._replace(
+                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index)),
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)))
+            kv_shared = (cache.segment_ids, cache.positions, index)
+            layer_caches = (cache.keys, cache.values)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def apply_layer(carry, scanned):
+            state, kv = scanned
+            layer = nnx.merge(graphdef, state)
+            kv_cache = None if kv is None else (*kv, *kv_shared)
+            carry, new_kv = layer(carry, cos, sin, segment_ids=segment_ids, positions=positions,
+                                  kv_cache=kv_cache)
+            return carry, new_kv
+
+        if self.runtime.remat_policy != "none":
+            apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[self.runtime.remat_policy],
+                                         prevent_cse=False)
+        x, new_kv = jax.lax.scan(apply_layer, x, (layer_state, layer_caches))
+        if cache is not None:
+            cache = cache._replace(keys=new_kv[0], values=new_kv[1],
+                                   index=cache.index + input_ids.shape[1])
+        return self.norm(x), cache
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits [batch, length, vocab] in float32."""
+        hidden, _ = self.hidden_states(input_ids, positions, segment_ids)
+        return self.logits(hidden)
