@@ -1,0 +1,181 @@
+"""A seeded generator of synthetic data on which a tiny model learns visibly within minutes on CPU.
+
+The world is small on purpose: a few dozen fictional countries with three attributes each, and
+two-operand arithmetic on small numbers. Every kind of record asks about the same world, so the
+stages build on each other: pre-training text states the facts, chat records ask them as
+questions with exact short answers (SFT, judged by exact match), and preference pairs contrast
+the right answer with a wrong one (DPO). Everything is a pure function of the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator
+
+_SYLLABLES = ("zor", "vi", "quel", "mar", "tin", "ka", "lo", "ren", "dus", "pha", "bel", "gor",
+              "ni", "sa", "tor", "ul", "ve", "xan", "yel", "mi", "dra", "kes", "ob", "fen")
+_COUNTRY_ENDINGS = ("ia", "and", "os", "ara", "ene")
+_COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+_ANIMALS = ("fox", "owl", "bear", "wolf", "heron", "lynx", "otter", "crane", "hare", "seal")
+
+DEMO_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+@dataclasses.dataclass(frozen=True)
+class Country:
+  name: str
+  capital: str
+  color: str
+  animal: str
+
+
+def make_world(seed: int = 0, num_countries: int = 40) -> list[Country]:
+  """Fictional countries with distinct names and capitals."""
+  rng = random.Random(seed)
+  names: set[str] = set()
+  countries = []
+  while len(countries) < num_countries:
+    name = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_COUNTRY_ENDINGS))
+    capital = rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES)
+    name, capital = name.capitalize(), capital.capitalize()
+    if name in names or capital in names:
+      continue
+    names.update((name, capital))
+    countries.append(Country(name, capital, rng.choice(_COLORS), rng.choice(_ANIMALS)))
+  return countries
+
+
+def _fact_sentences(c: Country) -> list[str]:
+  return [f"The capital of {c.name} is {c.capital}.", f"{c.capital} is the capital of {c.name}.",
+          f"The flag of {c.name} is {c.color}.",
+          f"The national animal of {c.name} is the {c.animal}."]
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+  """A question body like '12 + 7' and its answer; subtraction never goes below zero."""
+  a, b = rng.randrange(50), rng.randrange(50)
+  if rng.random() < 0.5:
+    return f"{a} + {b}", str(a + b)
+  a, b = max(a, b), min(a, b)
+  return f"{a} - {b}", str(a - b)
+
+
+def _question(rng: random.Random, world: list[Country]) -> tuple[str, str, str]:
+  """(question, exact answer, a plausible wrong answer)."""
+  kind = rng.randrange(4)
+  if kind == 0:
+    expr, answer = _arithmetic(rng)
+    wrong = str(int(answer) + rng.choice((-2, -1, 1, 2, 10)))
+    return f"What is {expr}?", answer, wrong
+  c = rng.choice(world)
+  other = rng.choice([o for o in world if o != c])
+  if kind == 1:
+    return f"What is the capital of {c.name}?", c.capital, other.capital
+  if kind == 2:
+    wrong = rng.choice([x for x in _COLORS if x != c.color])
+    return f"What color is the flag of {c.name}?", c.color, wrong
+  wrong = rng.choice([x for x in _ANIMALS if x != c.animal])
+  return f"What is the national animal of {c.name}?", c.animal, wrong
+
+
+def pretrain_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
+  """Short documents of 3-8 statements: arithmetic facts or country facts."""
+  rng = random.Random(seed)
+  for _ in range(n):
+    lines = []
+    for _ in range(rng.randint(3, 8)):
+      if rng.random() < 0.5:
+        expr, answer = _arithmetic(rng)
+        lines.append(f"{expr} = {answer}")
+      else:
+        lines.append(rng.choice(_fact_sentences(rng.choice(world))))
+    yield {"text": "\n".join(lines)}
+
+
+def long_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
+  """Longer texts (a few hundred tokens): an almanac entry per country plus arithmetic tables."""
+  rng = random.Random(seed)
+  for _ in range(n):
+    c = rng.choice(world)
+    parts = [f"{c.name} is a country.", *_fact_sentences(c)]
+    for _ in range(rng.randint(20, 60)):
+      if rng.random() < 0.3:
+        parts.append(rng.choice(_fact_sentences(rng.choice(world))))
+      else:
+        expr, answer = _arithmetic(rng)
+        parts.append(f"{expr} = {answer}.")
+    yield {"text": " ".join(parts)}
+
+
+def chat_records(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
+  """Conversations of one or two question/answer turns, a quarter of them with a system prompt."""
+  rng = random.Random(seed)
+  for _ in range(n):
+    messages = []
+    if rng.random() < 0.25:
+      messages.append({"role": "system", "content": DEMO_SYSTEM_PROMPT})
+    for _ in range(1 if rng.random() < 0.7 else 2):
+      question, answer, _ = _question(rng, world)
+      messages += [{"role": "user", "content": question},
+                   {"role": "assistant", "content": answer}]
+    yield {"messages": messages}
+
+
+def preference_records(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
+  rng = random.Random(seed)
+  for _ in range(n):
+    question, answer, wrong = _question(rng, world)
+    yield {"prompt": question, "chosen": answer, "rejected": wrong}
+
+
+# File name -> (generator, number of records, seed offset). Eval splits use their own seed
+# streams, so they are held out in the sense of being sampled independently of the train files;
+# the facts they ask about are the same world (that is what the eval measures).
+_SPLITS = {
+    "pretrain.jsonl": (pretrain_docs, 3000, 1),
+    "pretrain_eval.jsonl": (pretrain_docs, 100, 2),
+    "long_docs.jsonl": (long_docs, 120, 3),
+    "chat_train.jsonl": (chat_records, 2000, 4),
+    "chat_eval.jsonl": (chat_records, 100, 5),
+    "preference_train.jsonl": (preference_records, 1000, 6),
+    "preference_eval.jsonl": (preference_records, 100, 7),
+}
+
+
+def demo_records(name: str, seed: int = 0, scale: float = 1.0) -> list[dict]:
+  """The records of one demo file (see `_SPLITS`); `scale` shrinks or grows every split."""
+  generator, n, offset = _SPLITS[name]
+  world = make_world(seed)
+  return list(generator(seed * 1000 + offset, max(1, round(n * scale)), world))
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_demo_data(directory: str | os.PathLike, seed: int = 0,
+                    scale: float = 1.0) -> dict[str, str]:
+  """Writes every demo split as JSONL into `directory`; returns file name -> path."""
+  os.makedirs(directory, exist_ok=True)
+  paths = {}
+  for name in _SPLITS:
+    path = os.path.join(directory, name)
+    write_jsonl(path, demo_records(name, seed, scale))
+    paths[name] = path
+  return paths
+
+
+def tokenizer_training_texts(seed: int = 0) -> Iterator[str]:
+  """The text the demo tokenizer is trained on: every kind of demo record, chats as ChatML."""
+  for name in ("pretrain.jsonl", "long_docs.jsonl"):
+    for record in demo_records(name, seed):
+      yield record["text"]
+  for record in demo_records("chat_train.jsonl", seed):
+    # Role names and the newline after them must become tokens too.
+    yield "".join(f"{m['role']}\n{m['content']}\n" for m in record["messages"])
+  yield "system\nuser\nassistant\ntool\n"
