@@ -8,7 +8,7 @@ import transformers
 from qwen_jax.model.config import QwenConfig, RopeScaling
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=101, max_position_embeddings=256, bos_token_id=99,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, bos_token_id=99,
             eos_token_id=100)
 
 
