@@ -97,6 +97,11 @@ def parse(record: Mapping, source: Source, kind: str) -> dict:
     return {**doc, "tokens": tokens}
   obj = _as_object(value)
   if kind == "text":
+    value = _get(obj, source.field)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":  # e.g. a seqio token feature
+      if value.size == 0:
+        raise BadRecord("empty document")
+      return {**doc, "tokens": value.astype(np.int32).reshape(-1)}
     return {**doc, "text": _text(obj, source.field)}
   if kind == "messages":
     messages = _get(obj, source.field)
