@@ -101,3 +101,15 @@ def check_stages(stages: Sequence[DataStage], sources: Mapping[str, Source]) -> 
           f"DataStage {stage.name!r} mixes unknown sources {missing}; known: {sorted(sources)}")
     if stage.steps is None and i != len(stages) - 1:
       raise ValueError(f"DataStage {stage.name!r}: only the last stage may have steps=None")
+
+
+@gin.configurable
+def data_schedule(sources: Sequence[Source] = gin.REQUIRED,
+                  stages: Sequence[DataStage] = gin.REQUIRED) -> tuple[dict[str, Source],
+                                                                       list[DataStage]]:
+  """The pre-training sources and stage schedule bound in gin, checked against each other."""
+  by_name = {s.name: s for s in sources}
+  if len(by_name) != len(sources):
+    raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
+  check_stages(stages, by_name)
+  return by_name, list(stages)

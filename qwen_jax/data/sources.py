@@ -187,6 +187,35 @@ class RecordSource(grain.sources.RandomAccessDataSource):
     return f"RecordSource({self.name!r}, {len(self._files)} files, {len(self)} records)"
 
 
+class WindowShuffle(grain.MapDataset):
+  """Shuffles within consecutive windows of `window` records, differently in every epoch.
+
+  (Grain's `WindowShuffleMapDataset` maps a short final window onto wrong indices in the
+  installed version, so the permutation is Grain's O(1) `index_shuffle` applied per window.)
+  """
+
+  def __init__(self, parent: grain.MapDataset, window: int, seed: int):
+    super().__init__(parent)
+    self._window = window
+    self._seed = seed
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, i = divmod(index, len(self))
+    start = i - i % self._window
+    size = min(self._window, len(self) - start)
+    seed = (self._seed + epoch * 1_000_003 + start) & 0x7FFFFFFF
+    return self._parent[epoch * len(self) + start + grain.experimental.index_shuffle(
+        i - start, max_index=size - 1, seed=seed, rounds=4)]
+
+  def __str__(self) -> str:
+    return f"WindowShuffle(window={self._window})"
+
+
 def host_slice(length: int, shard_index: int, shard_count: int) -> slice:
   """The contiguous range of records host `shard_index` reads (contiguous keeps reads local)."""
   if not 0 <= shard_index < shard_count:
@@ -205,8 +234,7 @@ def record_dataset(source: Source, *, shard_index: int, shard_count: int, seed: 
     raise ValueError(f"Source {source.name!r} has no records for shard {shard_index} of "
                      f"{shard_count}")
   if shuffle and source.shuffle_window:
-    ds = grain.experimental.WindowShuffleMapDataset(ds, window_size=source.shuffle_window,
-                                                    seed=seed)
+    ds = WindowShuffle(ds, source.shuffle_window, seed)
   elif shuffle:
     ds = ds.shuffle(seed)  # reshuffled every epoch when followed by repeat
   return ds.repeat(num_epochs)

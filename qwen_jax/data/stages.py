@@ -90,5 +90,7 @@ class StagedIterator(grain.DatasetIterator):
     self._inner.start_prefetch()
 
   def close(self) -> None:
-    self._inner.close()
+    # Also reached from __del__ when building the first stage failed.
+    if getattr(self, "_inner", None) is not None:
+      self._inner.close()
     super().close()
