@@ -50,8 +50,8 @@ class BadRecordTracker:
     self._log_first = log_first
     self.tallies: dict[str, SourceTally] = collections.defaultdict(SourceTally)
 
-  def good(self, source: str) -> None:
-    self.tallies[source].seen += 1
+  def good(self, source: str, count: int = 1) -> None:
+    self.tallies[source].seen += count
     self._check(source, final=False)
 
   def bad(self, source: str, location: str, reason: str) -> None:

@@ -61,16 +61,16 @@ def demo_tokenizer_json(vocab_size: int = 1024, seed: int = 0) -> str:
   return build_demo_tokenizer(vocab_size, seed).to_str(pretty=True) + "\n"
 
 
-_OUTPUT = flags.DEFINE_string("output", DEMO_TOKENIZER_PATH, "Where to write tokenizer.json.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Ranked tokens (control tokens come on top).")
-
-
 def main(argv):
   del argv
-  with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-    f.write(demo_tokenizer_json(_VOCAB.value))
-  print(f"wrote {_OUTPUT.value}")
+  with open(flags.FLAGS.output, "w", encoding="utf-8") as f:
+    f.write(demo_tokenizer_json(flags.FLAGS.vocab_size))
+  print(f"wrote {flags.FLAGS.output}")
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module (e.g. for
+  # DEMO_TOKENIZER_PATH) never clashes with another program's flags.
+  flags.DEFINE_string("output", DEMO_TOKENIZER_PATH, "Where to write tokenizer.json.")
+  flags.DEFINE_integer("vocab_size", 1024, "Ranked tokens (control tokens come on top).")
   app.run(main)
