@@ -103,6 +103,20 @@ def _edit_tensors(directory, edit):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def test_tied_checkpoint_may_also_store_lm_head(tmp_path):
+    """Some tied checkpoints store the output matrix as well; it is the embedding, so it is
+    accepted and ignored rather than reported as unknown."""
+    config = tiny_config(num_hidden_layers=1, tie_word_embeddings=True)
+    reference = hf_model(config)
+    reference.save_pretrained(tmp_path / "hf")
+    _edit_tensors(tmp_path / "hf", lambda t: t.update(
+        {"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    model = hf.load_model(tmp_path / "hf")
+    assert model.lm_head is None
+    np.testing.assert_array_equal(np.asarray(model.output_kernel()),
+                                  reference.lm_head.weight.detach().numpy().T)
+
+
 def test_missing_tensor_is_named(small_checkpoint):
     _edit_tensors(small_checkpoint, lambda t: t.pop("model.layers.0.self_attn.k_proj.bias"))
     with pytest.raises(ValueError, match=r"missing tensors \['model.layers.0.self_attn.k_proj.bias'\]"):
