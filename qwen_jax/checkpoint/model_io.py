@@ -1,0 +1,120 @@
+"""The model checkpoint: what `import_hf` writes, `export` reads, and training starts from.
+
+A model checkpoint is an Orbax composite directory with two items:
+  params/        the parameters as a pure dict (`nnx.to_pure_dict`), OCDBT + Zarr arrays;
+  model_config/  `QwenConfig.to_hf_config()` as JSON, so the architecture travels with the weights.
+A step directory of `qwen_jax.checkpoint.manager.TrainCheckpointer` holds the same two items
+(plus the optimizer and data state), so anything that reads a model checkpoint also reads a
+training step. Orbax writes into a temporary directory and renames it once complete.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.layers import Runtime
+from qwen_jax.model.transformer import Qwen2ForCausalLM
+from qwen_jax.parallel.logical import LogicalRules, logical_to_spec
+
+PARAMS, MODEL_CONFIG = "params", "model_config"  # the item names TrainCheckpointer uses too
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def _check_directory(directory: str) -> str:
+    directory = os.path.abspath(os.fspath(directory))
+    for item in (PARAMS, MODEL_CONFIG):
+        if not os.path.isdir(os.path.join(directory, item)):
+            raise FileNotFoundError(f"{directory}: no '{item}' item; not a model checkpoint "
+                                    f"(import_hf's output or a training step directory)")
+    return directory
+
+
+def save_model_checkpoint(directory: str | os.PathLike, params: Any, config: QwenConfig) -> None:
+    """Writes `params` (a pure dict, possibly sharded across processes) and `config`."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory}: already exists; refusing to overwrite")
+    checkpointer = _checkpointer()
+    checkpointer.save(directory, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        MODEL_CONFIG: ocp.args.JsonSave(config.to_hf_config())}))
+
+
+def read_model_config(directory: str | os.PathLike) -> QwenConfig:
+    directory = _check_directory(directory)
+    restored = _checkpointer().restore(directory, args=ocp.args.Composite(
+        **{MODEL_CONFIG: ocp.args.JsonRestore()}))
+    return QwenConfig.from_hf_config(restored[MODEL_CONFIG],
+                                     source=os.path.join(directory, MODEL_CONFIG))
+
+
+def abstract_params(config: QwenConfig, runtime: Runtime = Runtime()) -> tuple[Any, Any]:
+    """(graphdef, pure dict of ShapeDtypeStructs) of the model's parameters; nothing allocated."""
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))), nnx.Param)
+    return graphdef, state
+
+
+def load_model_checkpoint(directory: str | os.PathLike, shardings: Any = None,
+                          dtype: str | None = None) -> tuple[QwenConfig, Any]:
+    """(config, params as a pure dict) restored with `shardings` (a matching pure dict of
+    shardings; default: the first device) in `dtype` (default: gin's `Runtime.param_dtype`).
+
+    The stored arrays are cast on restore, so a bfloat16 import feeds float32 master weights.
+    """
+    directory = _check_directory(directory)
+    config = read_model_config(directory)
+    dtype = dtype or Runtime().param_dtype
+    _, state = abstract_params(config, Runtime(param_dtype=dtype))
+    shapes = nnx.to_pure_dict(state)
+    if shardings is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    try:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes, shardings)
+    except ValueError as e:
+        raise ValueError(f"{directory}: the given shardings do not match the parameters of "
+                         f"{config}: {e}") from None
+    try:
+        restored = _checkpointer().restore(directory, args=ocp.args.Composite(
+            **{PARAMS: ocp.args.StandardRestore(target)}))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{directory}/{PARAMS}: does not match the architecture in its "
+                         f"{MODEL_CONFIG}: {e}") from None
+    return config, restored[PARAMS]
+
+
+def load_model(directory: str | os.PathLike, runtime: Runtime = Runtime(), *,
+               mesh: Mesh | None = None, rules: LogicalRules | None = None) -> Qwen2ForCausalLM:
+    """The model of a checkpoint, parameters in `runtime.param_dtype`, sharded when given a
+    mesh and logical rules."""
+    directory = os.fspath(directory)
+    config = read_model_config(directory)
+    graphdef, state = abstract_params(config, runtime)
+    shardings = None
+    if mesh is not None:
+        if rules is None:
+            raise ValueError("load_model: a mesh needs its logical rules")
+        shardings = jax.tree.map(
+            lambda v: NamedSharding(mesh, logical_to_spec(v.get_metadata()["out_sharding"], rules)),
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        shardings = nnx.to_pure_dict(shardings)
+    _, params = load_model_checkpoint(directory, shardings, runtime.param_dtype)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def model_params(model: Qwen2ForCausalLM) -> Any:
+    """The pure dict `save_model_checkpoint` takes."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -1,0 +1,48 @@
+"""Writes a model checkpoint (import_hf's output or a training step) as a Hugging Face checkpoint.
+
+  python -m qwen_jax.export --checkpoint_dir=workdir/checkpoints/1000 --output_dir=hf_out \
+      [--dtype=bfloat16] [--max_shard_gb=5] [--gin_file=configs/mesh/fsdp.gin ...]
+
+The output (config.json, generation_config.json, model-*-of-*.safetensors and their index) loads
+with transformers' `Qwen2ForCausalLM.from_pretrained`. It is staged in a temporary directory and
+renamed into place when complete. Export runs as one process; with mesh gin files the parameters
+are spread over its local devices and gathered one layer at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from qwen_jax.convert.cli import gin_mesh
+
+_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "model checkpoint or step directory")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "HF checkpoint to create (must not exist)")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "stored tensor dtype")
+_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors file, in GiB")
+flags.mark_flags_as_required(["checkpoint_dir", "output_dir"])
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qwen_jax.checkpoint import model_io
+    from qwen_jax.convert import hf
+    from qwen_jax.model.layers import Runtime
+    try:
+        mesh, rules = gin_mesh()
+        # Restored in float32 whatever was stored: the cast to --dtype happens once, on write.
+        model = model_io.load_model(_CHECKPOINT_DIR.value, Runtime(param_dtype="float32"),
+                                    mesh=mesh, rules=rules)
+        hf.save_model(model, _OUTPUT_DIR.value, dtype=_DTYPE.value,
+                      max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {_OUTPUT_DIR.value}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

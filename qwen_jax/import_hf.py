@@ -1,0 +1,47 @@
+"""Converts a Hugging Face Qwen2/Qwen2.5 checkpoint into a model checkpoint for training.
+
+  python -m qwen_jax.import_hf --hf_dir=Qwen2.5-7B --output_dir=ckpt/qwen2.5-7b \
+      [--dtype=bfloat16] [--gin_file=configs/mesh/fsdp.gin --gin_param=...]
+
+Reads `config.json` and the safetensors shards (checked tensor by tensor against the config) and
+writes `qwen_jax.checkpoint.model_io`'s layout, which `train.init_from` and `export` read. With
+mesh gin files, parameters are created sharded on that mesh and each process reads only the
+slices its devices hold; without them everything goes to the first device.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from qwen_jax.convert.cli import gin_mesh
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "directory with config.json and *.safetensors")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "model checkpoint to create (must not exist)")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "stored parameter dtype (training casts to Runtime.param_dtype on load)")
+flags.mark_flags_as_required(["hf_dir", "output_dir"])
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from qwen_jax.checkpoint import model_io
+    from qwen_jax.convert import hf
+    from qwen_jax.model.layers import Runtime
+    try:
+        mesh, rules = gin_mesh()
+        model = hf.load_model(_HF_DIR.value, Runtime(param_dtype=_DTYPE.value), mesh=mesh,
+                              rules=rules)
+        model_io.save_model_checkpoint(_OUTPUT_DIR.value, model_io.model_params(model),
+                                       model.config)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {_OUTPUT_DIR.value}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
