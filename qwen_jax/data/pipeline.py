@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import grain
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from qwen_jax.data import chat, documents, examples, packing, sources as sources_lib
 from qwen_jax.data.bad_records import BadRecordTracker
@@ -94,7 +94,7 @@ class _ParsedDataset(grain.IterDataset):
 def document_dataset(sources: Sequence[Source], weights: Mapping[str, float] | None, kind: str,
                      *, seed: int, shard_index: int, shard_count: int, num_epochs: int | None,
                      shuffle: bool, tracker: BadRecordTracker,
-                     read_threads: int = 4) -> grain.IterDataset:
+                     read_threads: int = 2) -> grain.IterDataset:
   """Parsed documents of `sources` (each tagged with its "source"), mixed by `weights`."""
   by_name = {s.name: s for s in sources}
   if len(by_name) != len(sources):
@@ -111,8 +111,10 @@ def document_dataset(sources: Sequence[Source], weights: Mapping[str, float] | N
       ds = sources_lib.record_dataset(
           source, shard_index=shard_index, shard_count=shard_count, seed=source_seed,
           num_epochs=num_epochs, shuffle=shuffle, columns=documents.columns(source, kind))
+      # Grain's read prefetch costs O(buffer) per element; a short buffer hides local-disk
+      # latency without that overhead (raise read_threads for remote file systems).
       ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                prefetch_buffer_size=256))
+                                                prefetch_buffer_size=4 * read_threads))
     streams[source.name] = _ParsedDataset(ds, parse)
   if len(streams) == 1:
     return next(iter(streams.values()))
@@ -122,6 +124,10 @@ def document_dataset(sources: Sequence[Source], weights: Mapping[str, float] | N
 
 def _finish(ds: grain.IterDataset, worker_count: int, prefetch: int) -> grain.IterDataset:
   if worker_count:
+    if not flags.FLAGS.is_parsed():
+      # Grain's worker start-up reads its absl flags; outside `app.run` (tests, notebooks)
+      # nothing parsed them, so their defaults are taken.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=2))
   if prefetch:
