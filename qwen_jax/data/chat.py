@@ -53,7 +53,8 @@ def _tool_calls_text(message: dict) -> str:
 
 
 def render_text(messages: Sequence[dict], add_generation_prompt: bool = False,
-                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> tuple[str, list[tuple[int, int]]]:
+                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+                ) -> tuple[str, list[tuple[int, int]]]:
   """The ChatML string and the character spans that carry loss (assistant content + <|im_end|>).
 
   `system_prompt=None` inserts no system message when the conversation has none.

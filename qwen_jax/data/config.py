@@ -86,7 +86,8 @@ class DataStage:
       raise ValueError(f"DataStage {self.name!r}: seq_len and batch_size must be positive")
     weights = {k: float(v) for k, v in dict(self.mixture).items() if float(v) != 0.0}
     if not weights or any(w < 0 for w in weights.values()):
-      raise ValueError(f"DataStage {self.name!r}: mixture needs positive weights, got {self.mixture}")
+      raise ValueError(
+          f"DataStage {self.name!r}: mixture needs positive weights, got {self.mixture}")
     object.__setattr__(self, "mixture", weights)
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import zlib
 from collections.abc import Iterable, Iterator
 
 _SYLLABLES = ("zor", "vi", "quel", "mar", "tin", "ka", "lo", "ren", "dus", "pha", "bel", "gor",
@@ -63,8 +64,20 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
   return f"{a} - {b}", str(a - b)
 
 
-def _question(rng: random.Random, world: list[Country]) -> tuple[str, str, str]:
-  """(question, exact answer, a plausible wrong answer)."""
+def is_held_out(question: str) -> bool:
+  """One question in ten belongs to the eval splits only (a stable hash of its text)."""
+  return zlib.crc32(question.encode()) % 10 == 0
+
+
+def _question(rng: random.Random, world: list[Country], held_out: bool) -> tuple[str, str, str]:
+  """(question, exact answer, wrong answer) from the train or the held-out questions."""
+  while True:
+    question = _any_question(rng, world)
+    if is_held_out(question[0]) == held_out:
+      return question
+
+
+def _any_question(rng: random.Random, world: list[Country]) -> tuple[str, str, str]:
   kind = rng.randrange(4)
   if kind == 0:
     expr, answer = _arithmetic(rng)
@@ -110,46 +123,51 @@ def long_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
     yield {"text": " ".join(parts)}
 
 
-def chat_records(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
-  """Conversations of one or two question/answer turns, a quarter of them with a system prompt."""
+def chat_records(seed: int, n: int, world: list[Country],
+                 held_out: bool = False) -> Iterator[dict]:
+  """Conversations of one or two question/answer turns, a quarter of them with a system prompt.
+
+  Train and eval conversations ask disjoint questions (`is_held_out`); the facts behind both
+  are stated in the pre-training text, so eval measures recall through the chat format.
+  """
   rng = random.Random(seed)
   for _ in range(n):
     messages = []
     if rng.random() < 0.25:
       messages.append({"role": "system", "content": DEMO_SYSTEM_PROMPT})
     for _ in range(1 if rng.random() < 0.7 else 2):
-      question, answer, _ = _question(rng, world)
+      question, answer, _ = _question(rng, world, held_out)
       messages += [{"role": "user", "content": question},
                    {"role": "assistant", "content": answer}]
     yield {"messages": messages}
 
 
-def preference_records(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
+def preference_records(seed: int, n: int, world: list[Country],
+                       held_out: bool = False) -> Iterator[dict]:
   rng = random.Random(seed)
   for _ in range(n):
-    question, answer, wrong = _question(rng, world)
+    question, answer, wrong = _question(rng, world, held_out)
     yield {"prompt": question, "chosen": answer, "rejected": wrong}
 
 
-# File name -> (generator, number of records, seed offset). Eval splits use their own seed
-# streams, so they are held out in the sense of being sampled independently of the train files;
-# the facts they ask about are the same world (that is what the eval measures).
+# File name -> (generator, number of records, seed offset, extra arguments). Every split has its
+# own seed stream; chat and preference eval splits ask only held-out questions.
 _SPLITS = {
-    "pretrain.jsonl": (pretrain_docs, 3000, 1),
-    "pretrain_eval.jsonl": (pretrain_docs, 100, 2),
-    "long_docs.jsonl": (long_docs, 120, 3),
-    "chat_train.jsonl": (chat_records, 2000, 4),
-    "chat_eval.jsonl": (chat_records, 100, 5),
-    "preference_train.jsonl": (preference_records, 1000, 6),
-    "preference_eval.jsonl": (preference_records, 100, 7),
+    "pretrain.jsonl": (pretrain_docs, 3000, 1, {}),
+    "pretrain_eval.jsonl": (pretrain_docs, 100, 2, {}),
+    "long_docs.jsonl": (long_docs, 120, 3, {}),
+    "chat_train.jsonl": (chat_records, 2000, 4, {}),
+    "chat_eval.jsonl": (chat_records, 100, 5, {"held_out": True}),
+    "preference_train.jsonl": (preference_records, 1000, 6, {}),
+    "preference_eval.jsonl": (preference_records, 100, 7, {"held_out": True}),
 }
 
 
 def demo_records(name: str, seed: int = 0, scale: float = 1.0) -> list[dict]:
   """The records of one demo file (see `_SPLITS`); `scale` shrinks or grows every split."""
-  generator, n, offset = _SPLITS[name]
+  generator, n, offset, kwargs = _SPLITS[name]
   world = make_world(seed)
-  return list(generator(seed * 1000 + offset, max(1, round(n * scale)), world))
+  return list(generator(seed * 1000 + offset, max(1, round(n * scale)), world, **kwargs))
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -35,7 +35,8 @@ def test_prepare_cli_writes_usable_shards(tmp_path, demo_dir, demo_tokenizer):
   got = collections.Counter(
       tuple(documents.parse(records[i], source, "text")["tokens"].tolist())
       for i in range(len(records)))
-  expected = collections.Counter(tuple(ids) for ids in demo_tokenizer.encode_batch(texts + ["fine"]))
+  expected = collections.Counter(
+      tuple(ids) for ids in demo_tokenizer.encode_batch(texts + ["fine"]))
   assert got == expected
   assert meta["tokens"] == sum(len(k) * v for k, v in expected.items())
 

@@ -48,3 +48,15 @@ def test_demo_corpus_is_deterministic_and_consistent(tmp_path):
         assert int(ans["content"]) == int(x) + int(y)
   pref = [json.loads(l) for l in open(a["preference_train.jsonl"], encoding="utf-8")]
   assert all(p["chosen"] != p["rejected"] for p in pref)
+  # Eval questions never occur in the train splits.
+  def questions(name, key):
+    for line in open(a[name], encoding="utf-8"):
+      record = json.loads(line)
+      if key == "messages":
+        yield from (m["content"] for m in record["messages"] if m["role"] == "user")
+      else:
+        yield record["prompt"]
+  for train, held_out, key in (("chat_train.jsonl", "chat_eval.jsonl", "messages"),
+                               ("preference_train.jsonl", "preference_eval.jsonl", "prompt")):
+    assert not set(questions(train, key)) & set(questions(held_out, key))
+    assert all(demo_corpus.is_held_out(q) for q in questions(held_out, key))
