@@ -1,0 +1,208 @@
+"""Ahead-of-time compilation of the full train step for a TPU slice, without a TPU.
+
+  python -m qwen_jax.aot --gin_file=configs/models/qwen2_5_72b.gin --topology=v5p-256 \
+      --seq_len=4096 --global_batch=256 [--gin_file=configs/mesh/fsdp_tensor.gin] [--gin_param=...]
+
+libtpu describes the slice (`jax.experimental.topologies`), the step (forward, backward, AdamW) is
+lowered with abstract inputs and compiled by the real TPU compiler, and one JSON object goes to
+stdout: memory per chip from `compiled.memory_analysis()`, FLOPs from `cost_analysis()`, and
+whether it fits in HBM. Topology names follow Cloud TPU: v4-N and v5p-N count TensorCores (two per
+chip), v5e-N (alias v5litepod-N) and v6e-N count chips; a raw libtpu name such as "v5p:4x4x8"
+works too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+
+from qwen_jax.model.config import QwenConfig, parameter_count
+from qwen_jax.model.layers import Runtime
+from qwen_jax.model.transformer import Qwen2ForCausalLM
+from qwen_jax.parallel import mesh as mesh_lib
+from qwen_jax.parallel import sequence_attention  # noqa: F401  (registers sequence_sharded)
+from qwen_jax.train import optimizer as optimizer_lib
+from qwen_jax.train import state as state_lib
+from qwen_jax.train import step as step_lib
+
+_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "gin files (model preset, mesh preset, ...)")
+_GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. Runtime.remat_policy='full'")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "slice, e.g. v5e-8, v5p-256, v4-32, v6e-64")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (mesh axis `slice`)")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "tokens per example")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", None, "examples per step (all devices)")
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 1, "gradient-accumulation microbatches")
+
+# Per-chip HBM (bytes) by libtpu device_kind; public Cloud TPU figures.
+HBM_BYTES = {
+    "TPU v4": 32 * 2**30,
+    "TPU v5 lite": 16 * 2**30,
+    "TPU v5": 95 * 10**9,
+    "TPU v6 lite": 32 * 2**30,
+}
+# Generation -> (libtpu prefix, TensorCores per chip in the public name, standard chip grids).
+_CUBE = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+         256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_PLANE = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+          256: "16x16"}
+GENERATIONS = {
+    "v4": ("v4", 2, _CUBE),
+    "v5p": ("v5p", 2, _CUBE),
+    "v5e": ("v5e", 1, _PLANE),
+    "v5litepod": ("v5e", 1, _PLANE),
+    "v6e": ("v6e", 1, _PLANE),
+}
+
+
+def standard_slices(generation: str) -> list[str]:
+    prefix, per_chip, grids = GENERATIONS[generation]
+    return [f"{generation}-{chips * per_chip}" for chips in sorted(grids)]
+
+
+def libtpu_topology(name: str) -> str:
+    """'v5p-256' -> 'v5p:4x4x8'; raw libtpu names pass through."""
+    if ":" in name:
+        return name
+    generation, _, count = name.partition("-")
+    if generation not in GENERATIONS or not count.isdigit():
+        raise ValueError(f"--topology={name!r}: expected <generation>-<size> with generation in "
+                         f"{sorted(GENERATIONS)} (e.g. v5p-256), or a libtpu name like v5p:4x4x8")
+    prefix, per_chip, grids = GENERATIONS[generation]
+    chips = int(count) // per_chip
+    if int(count) % per_chip or chips not in grids:
+        raise ValueError(f"--topology={name!r}: not a standard slice; choose one of "
+                         f"{standard_slices(generation)}")
+    return f"{prefix}:{grids[chips]}"
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    try:
+        import libtpu  # noqa: F401  (the TPU compiler; `pip install .[tpu]`)
+    except ImportError as error:
+        raise SystemExit("qwen_jax.aot needs libtpu to compile for TPU without a TPU: "
+                         "pip install 'qwen_jax[tpu]' (or pip install libtpu)") from error
+    from jax.experimental import topologies
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    if name.startswith("v4"):
+        kwargs["chip_config_name"] = "megacore"
+    return list(topologies.get_topology_desc(libtpu_topology(name), "tpu", **kwargs).devices)
+
+
+def model_flops_per_step(config, tokens: int, seq_len: int) -> float:
+    """6·N·tokens for the matmul parameters (the input embedding is a lookup: no FLOPs, unless
+    tied, where it is also the output layer) plus causal attention: 6·L·H·D·T per token (QKᵀ and
+    PV, forward and backward, half of the T×T scores)."""
+    n = parameter_count(config)
+    if not config.tie_word_embeddings:
+        n -= config.vocab_size * config.hidden_size
+    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return float((6 * n + attention) * tokens)
+
+
+def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices: int = 1,
+                   microbatches: int = 1, config=None, runtime=None, mesh_config=None,
+                   rules=None) -> dict[str, Any]:
+    """Compiles the train step for `topology` and returns the report (gin supplies what is None)."""
+    config = config or QwenConfig()
+    runtime = runtime or Runtime()
+    mesh_config = mesh_config or mesh_lib.MeshConfig(slice=num_slices)
+    rules = rules or mesh_lib.logical_rules()
+    devices = topology_devices(topology, num_slices)
+    mesh = mesh_lib.make_mesh(mesh_config, devices)
+    mesh_lib.check_model_fits_mesh(config, mesh)
+    mesh_lib.check_batch(mesh, global_batch, seq_len)
+    optimizer, schedule = optimizer_lib.make_optimizer(optimizer_lib.constant(1e-4))
+
+    state, graphdef, shardings = state_lib.abstract_train_state(
+        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)), optimizer, mesh, rules)
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules, global_batch, seq_len)
+    batch = {name: jax.ShapeDtypeStruct((global_batch, seq_len), dtype, sharding=batch_sharding)
+             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
+                                 ("loss_mask", jnp.float32), ("segment_ids", jnp.int32),
+                                 ("positions", jnp.int32))}
+    step = step_lib.make_train_step(
+        graphdef, step_lib.lm_loss_fn, optimizer, mesh=mesh, rules=rules,
+        state_shardings=shardings, batch_shardings={k: batch_sharding for k in batch},
+        schedule=schedule, microbatches=microbatches)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    lower_seconds = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_seconds = time.perf_counter() - start - lower_seconds
+
+    memory = compiled.memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hbm = HBM_BYTES[devices[0].device_kind]
+    tokens = global_batch * seq_len
+    # cost_analysis describes the partitioned program that one chip runs.
+    compiled_flops = float(cost.get("flops", 0.0)) * len(devices)
+    model_flops = model_flops_per_step(config, tokens, seq_len)
+    return {
+        "topology": topology,
+        "num_slices": num_slices,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "parameters": parameter_count(config),
+        "seq_len": seq_len,
+        "global_batch": global_batch,
+        "microbatches": microbatches,
+        "tokens_per_step": tokens,
+        "remat_policy": runtime.remat_policy,
+        "attention_impl": runtime.attention_impl,
+        "compute_dtype": runtime.dtype,
+        "param_dtype": runtime.param_dtype,
+        "hbm_per_chip_bytes": hbm,
+        "peak_bytes_per_chip": int(peak),
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "output_bytes": int(memory.output_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "alias_bytes": int(memory.alias_size_in_bytes),
+        "fits": bool(peak <= hbm),
+        "compiled_flops_per_step": compiled_flops,
+        "model_flops_per_step": model_flops,
+        "compiled_over_model_flops": compiled_flops / model_flops if model_flops else math.nan,
+        "lower_seconds": round(lower_seconds, 1),
+        "compile_seconds": round(compile_seconds, 1),
+    }
+
+
+def parse_gin(files, params, defaults=()) -> None:
+    """Defaults first (a training run computes in bf16 over fp32 master weights), then the
+    user's files and bindings, which override them."""
+    gin.add_config_file_search_path(str(pathlib.Path(__file__).resolve().parents[1]))
+    gin.parse_config(["layers.Runtime.dtype = 'bfloat16'", "layers.Runtime.remat_policy = 'full'",
+                      "include 'configs/mesh/rules.gin'", *defaults])
+    gin.parse_config_files_and_bindings(files, params)
+
+
+def main(argv) -> None:
+    del argv
+    if not _TOPOLOGY.value or not _GLOBAL_BATCH.value:
+        raise app.UsageError("--topology and --global_batch are required")
+    try:
+        parse_gin(_GIN_FILE.value, _GIN_PARAM.value)
+        report = compile_report(topology=_TOPOLOGY.value, seq_len=_SEQ_LEN.value,
+                                global_batch=_GLOBAL_BATCH.value, num_slices=_NUM_SLICES.value,
+                                microbatches=_MICROBATCHES.value)
+    except ValueError as error:
+        print(f"qwen_jax.aot: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
