@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 
+import gin
 import jax
+import jax.numpy as jnp
 
 from qwen_jax.model import attention as attention_lib
 from qwen_jax.parallel import logical
@@ -60,4 +62,38 @@ def shard_mapped(fn: attention_lib.AttentionFn) -> attention_lib.AttentionFn:
     return wrapped
 
 
-attention_lib.register("sequence_sharded")(shard_mapped(attention_lib.xla_attention))
+@gin.configurable
+def query_block_size(size: int = 2048) -> int:
+    """Queries per block in `sequence_sharded` attention (0: one block)."""
+    return size
+
+
+def query_blocked(fn: attention_lib.AttentionFn) -> attention_lib.AttentionFn:
+    """Runs `fn` over blocks of queries against all keys, one block at a time with its scores
+    rematerialized, so per-device scores are [b, heads, block, T] rather than [b, heads, T/s, T]
+    (72B at 32K tokens: 1 GiB per block instead of 64 GiB)."""
+
+    @functools.wraps(fn)
+    def blocked(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+        block = query_block_size()
+        length = q.shape[1]
+        if not block or length <= block or length % block:
+            return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                      q_positions=q_positions, kv_positions=kv_positions)
+        n = length // block
+        split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+
+        @jax.checkpoint
+        def one(blocks):
+            q_block, segments, positions = blocks
+            return fn(q_block, k, v, q_segment_ids=segments, kv_segment_ids=kv_segment_ids,
+                      q_positions=positions, kv_positions=kv_positions)
+
+        out = jax.lax.map(one, (split(q), split(q_segment_ids), split(q_positions)))
+        return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+    return blocked
+
+
+attention_lib.register("sequence_sharded")(
+    shard_mapped(query_blocked(attention_lib.xla_attention)))

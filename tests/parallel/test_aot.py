@@ -1,0 +1,52 @@
+"""Ahead-of-time compilation of the full train step for TPU slices, with libtpu and no TPU."""
+
+from __future__ import annotations
+
+import sys
+
+import gin
+import pytest
+
+import sharding_fixtures as fx
+from qwen_jax import aot
+
+
+def _report(preset, topology, **kwargs):
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(str(fx.REPO_ROOT))
+        aot.parse_gin([str(fx.REPO_ROOT / "configs" / "models" / preset)], [])
+        return aot.compile_report(topology=topology, **kwargs)
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("preset, topology, chips", [
+    ("qwen2_5_0_5b.gin", "v5e-8", 8),
+    ("qwen2_5_7b.gin", "v5p-32", 16),
+])
+def test_preset_compiles_for_slice(preset, topology, chips):
+    report = _report(preset, topology, seq_len=1024, global_batch=chips)
+    assert report["num_devices"] == chips and report["mesh"]["fsdp"] == chips
+    assert report["fits"] and 0 < report["peak_bytes_per_chip"] <= report["hbm_per_chip_bytes"]
+    # fp32 master weights + Adam moments, sharded over all chips, are among the arguments.
+    assert report["argument_bytes"] >= 12 * report["parameters"] / chips
+    assert report["compiled_flops_per_step"] > 0 and report["model_flops_per_step"] > 0
+
+
+def test_topology_names():
+    assert aot.libtpu_topology("v5p-256") == "v5p:4x4x8"
+    assert aot.libtpu_topology("v5e-8") == "v5e:2x4"
+    assert aot.libtpu_topology("v5litepod-16") == "v5e:4x4"
+    assert aot.libtpu_topology("v4-32") == "v4:2x2x4"
+    assert aot.libtpu_topology("v6e-64") == "v6e:8x8"
+    with pytest.raises(ValueError, match="not a standard slice"):
+        aot.libtpu_topology("v5p-24")
+    with pytest.raises(ValueError, match="expected <generation>-<size>"):
+        aot.libtpu_topology("h100-8")
+
+
+def test_missing_libtpu_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # makes `import libtpu` raise ImportError
+    with pytest.raises(SystemExit, match="needs libtpu"):
+        aot.topology_devices("v5e-8")
