@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -137,7 +138,27 @@ def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lower_seconds = time.perf_counter() - start
-    compiled = lowered.compile()
+    hbm = HBM_BYTES[devices[0].device_kind]
+    summary = {
+        "topology": topology, "num_slices": num_slices, "device_kind": devices[0].device_kind,
+        "num_devices": len(devices), "mesh": dict(mesh.shape),
+        "parameters": parameter_count(config), "seq_len": seq_len, "global_batch": global_batch,
+        "microbatches": microbatches, "tokens_per_step": global_batch * seq_len,
+        "remat_policy": runtime.remat_policy, "attention_impl": runtime.attention_impl,
+        "compute_dtype": runtime.dtype, "param_dtype": runtime.param_dtype,
+        "hbm_per_chip_bytes": hbm,
+        "model_flops_per_step": model_flops_per_step(config, global_batch * seq_len, seq_len),
+    }
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        # The TPU compiler refuses a program that cannot fit: that is an answer, not a failure.
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        needed = re.search(r"temporaries \(([\d.]+)G\)", str(error))
+        return {**summary, "fits": False,
+                "temp_bytes": int(float(needed.group(1)) * 2**30) if needed else None,
+                "compile_error": str(error).splitlines()[0][:300]}
     compile_seconds = time.perf_counter() - start - lower_seconds
 
     memory = compiled.memory_analysis()
@@ -145,27 +166,11 @@ def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    hbm = HBM_BYTES[devices[0].device_kind]
-    tokens = global_batch * seq_len
     # cost_analysis describes the partitioned program that one chip runs.
     compiled_flops = float(cost.get("flops", 0.0)) * len(devices)
-    model_flops = model_flops_per_step(config, tokens, seq_len)
+    model_flops = summary["model_flops_per_step"]
     return {
-        "topology": topology,
-        "num_slices": num_slices,
-        "device_kind": devices[0].device_kind,
-        "num_devices": len(devices),
-        "mesh": dict(mesh.shape),
-        "parameters": parameter_count(config),
-        "seq_len": seq_len,
-        "global_batch": global_batch,
-        "microbatches": microbatches,
-        "tokens_per_step": tokens,
-        "remat_policy": runtime.remat_policy,
-        "attention_impl": runtime.attention_impl,
-        "compute_dtype": runtime.dtype,
-        "param_dtype": runtime.param_dtype,
-        "hbm_per_chip_bytes": hbm,
+        **summary,
         "peak_bytes_per_chip": int(peak),
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
@@ -173,7 +178,6 @@ def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices
         "alias_bytes": int(memory.alias_size_in_bytes),
         "fits": bool(peak <= hbm),
         "compiled_flops_per_step": compiled_flops,
-        "model_flops_per_step": model_flops,
         "compiled_over_model_flops": compiled_flops / model_flops if model_flops else math.nan,
         "compiled_flops_note": "XLA cost_analysis x chips; it counts each while-loop body (the "
                                "layer scan, the loss-chunk scan) once, so it is a lower bound",

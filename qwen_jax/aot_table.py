@@ -5,7 +5,7 @@
 For every preset and for seq 4096 (FSDP mesh) and 32,768 (FSDP x sequence=4, `sequence_sharded`
 attention), slices are tried from the smallest whose HBM could hold the fp32 weights, gradients
 and Adam moments (16 bytes per parameter) upward, and the first that fits is kept. The global batch
-is about one million tokens (at least one example per data shard). Each row is appended to
+is 8,192 tokens per data shard (2 examples at 4096, 1 example over 4 sequence shards at 32,768). Each row is appended to
 `--output` as it completes (compiles take minutes on a small host), then a Markdown table is
 printed.
 """
@@ -28,7 +28,7 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "32768"], "sequence lengths")
 _REMAT = flags.DEFINE_string("remat", "full", "Runtime.remat_policy for every row")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOKENS_PER_STEP = 2**20
+TOKENS_PER_DATA_SHARD = 8192
 SEQUENCE_SHARDS = 4
 
 
@@ -42,8 +42,7 @@ def _try(size: str, seq_len: int, topology: str) -> dict:
     mesh_file = "fsdp_sequence.gin" if long else "fsdp.gin"
     chips = _chips(topology)
     data_shards = chips // SEQUENCE_SHARDS if long else chips
-    batch = max(data_shards, TOKENS_PER_STEP // seq_len)
-    batch = -(-batch // data_shards) * data_shards
+    batch = data_shards * max(1, TOKENS_PER_DATA_SHARD // seq_len)
     gin.clear_config()
     aot.parse_gin([str(REPO / "configs/models" / f"qwen2_5_{size}.gin"),
                    str(REPO / "configs/mesh" / mesh_file)],
