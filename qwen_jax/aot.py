@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 import sys
@@ -93,6 +94,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
         raise SystemExit("qwen_jax.aot needs libtpu to compile for TPU without a TPU: "
                          "pip install 'qwen_jax[tpu]' (or pip install libtpu)") from error
     from jax.experimental import topologies
+    # Compile-only use touches no TPU, so several compiling processes may share the host
+    # (otherwise the second one fails on libtpu's lockfile).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     if name.startswith("v4"):
         kwargs["chip_config_name"] = "megacore"
