@@ -50,3 +50,14 @@ def test_missing_libtpu_fails_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # makes `import libtpu` raise ImportError
     with pytest.raises(SystemExit, match="needs libtpu"):
         aot.topology_devices("v5e-8")
+
+
+def test_multislice_mesh_puts_slices_on_the_slice_axis():
+    from qwen_jax.parallel import mesh as mesh_lib
+    devices = aot.topology_devices("v5e-8", num_slices=2)
+    mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(slice=2), devices)
+    assert dict(mesh.shape) == {"slice": 2, "data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+    for index in range(2):
+        assert {d.slice_index for d in mesh.devices[index].flat} == {index}
+    with pytest.raises(ValueError, match="slice=1 but the devices span 2 slices"):
+        mesh_lib.make_mesh(mesh_lib.MeshConfig(slice=1), devices)
