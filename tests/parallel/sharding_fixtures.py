@@ -67,7 +67,8 @@ def host_batch(batch=BATCH, length=LENGTH, seed=0):
             "segment_ids": segment_ids, "positions": positions}
 
 
-def build(mesh, rules, *, attention_impl="xla", microbatches=1, opt=None, batch=None):
+def build(mesh, rules, *, attention_impl="xla", microbatches=1, opt=None, batch=None,
+          nan_policy="skip"):
     """(state, train_step, device batch) on `mesh`."""
     opt, schedule = opt or optimizer()
     state, graphdef, shardings = state_lib.create_train_state(
@@ -77,7 +78,8 @@ def build(mesh, rules, *, attention_impl="xla", microbatches=1, opt=None, batch=
     device_batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
     step = step_lib.make_train_step(graphdef, step_lib.lm_loss_fn, opt, mesh=mesh, rules=rules,
                                     state_shardings=shardings, batch_shardings=batch_shardings,
-                                    schedule=schedule, microbatches=microbatches)
+                                    schedule=schedule, microbatches=microbatches,
+                                    nan_policy=nan_policy)
     return state, step, device_batch
 
 

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "parallel"))
 import sharding_fixtures as fx  # noqa: E402
@@ -36,14 +37,16 @@ def test_microbatches_equal_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-def test_nonfinite_step_is_skipped():
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_step_is_not_applied(policy):
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(fsdp=8))
     rules = fx.rules_from_gin()
     batch = fx.host_batch()
     batch["loss_mask"] = batch["loss_mask"] * np.float32(np.nan)
-    state, step, device_batch = fx.build(mesh, rules, batch=batch)
+    state, step, device_batch = fx.build(mesh, rules, batch=batch, nan_policy=policy)
     before = fx.to_host(state.params)
     state, metrics = step(state, device_batch)
-    assert bool(metrics["nonfinite"]) and int(state.skipped) == 1 and int(state.step) == 0
+    assert bool(metrics["nonfinite"]) and int(state.step) == 0
+    assert int(state.skipped) == (1 if policy == "skip" else 0)
     for a, b in zip(jax.tree.leaves(fx.to_host(state.params)), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
