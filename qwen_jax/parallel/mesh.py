@@ -156,12 +156,11 @@ def check_batch(mesh: Mesh, batch_size: int, seq_len: int | None = None) -> None
 
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules, batch_size: int,
-                   seq_len: int | None = None, leading: Sequence[int] = ()) -> NamedSharding:
-    """Sharding of a [*leading, batch, length, ...] token array (leading dims unsharded, e.g. the
-    microbatch axis), by the rules' `activation_batch` and `activation_length`."""
+                   seq_len: int | None = None) -> NamedSharding:
+    """Sharding of a [batch, length, ...] token array by the rules' `activation_batch` and
+    `activation_length`."""
     check_batch(mesh, batch_size, seq_len)
-    names = (None,) * len(leading) + ("activation_batch",) + (
-        ("activation_length",) if seq_len is not None else ())
+    names = ("activation_batch",) + (("activation_length",) if seq_len is not None else ())
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
