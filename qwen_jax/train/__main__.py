@@ -9,7 +9,6 @@ workdir is overwritten.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -19,17 +18,6 @@ PARAMS = flags.DEFINE_multi_string("gin_param", [], "gin bindings applied after 
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and TensorBoard events")
 flags.mark_flag_as_required("workdir")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def parse_gin(files, params) -> None:
-    """T5X-style: files resolve relative to the working directory or the repository root."""
-    import gin
-    gin.add_config_file_search_path(os.getcwd())
-    gin.add_config_file_search_path(REPO_ROOT)
-    gin.parse_config_files_and_bindings(files, params, finalize_config=True)
-
-
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -37,7 +25,7 @@ def main(argv) -> int:
     from qwen_jax.data.bad_records import BadInputError
     from qwen_jax.train import loop
     try:
-        parse_gin(FLAGS.value, PARAMS.value)
+        loop.parse_gin(FLAGS.value, PARAMS.value)
         result = loop.train(WORKDIR.value)
     except (ValueError, FileNotFoundError, BadInputError, loop.NonFiniteError) as e:
         logging.debug("error", exc_info=True)

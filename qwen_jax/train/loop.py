@@ -43,6 +43,16 @@ RUN_FILE = "run.json"
 _UNLOGGED = ("weight", "nll_sum", "z_loss_sum", "nonfinite")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+    """T5X-style: gin files resolve relative to the working directory or the repository root."""
+    gin.add_config_file_search_path(os.getcwd())
+    gin.add_config_file_search_path(REPO_ROOT)
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
+
+
 class NonFiniteError(RuntimeError):
     """Raised with nan_policy='stop': the newest checkpoint is the last good one."""
 
@@ -53,19 +63,25 @@ class Result:
     workdir: str
     train: dict  # the last logged training metrics
     eval: dict  # the last evaluation's scalars
+    eval_at_start: dict  # the evaluation before the first step (with eval_at_start)
+
+
+def _gin_binds_model() -> bool:
+    try:
+        gin.query_parameter("QwenConfig.hidden_size")
+        return True
+    except ValueError:
+        return False
 
 
 def _model_config(init_config: QwenConfig | None) -> QwenConfig:
-    """The architecture: the initial checkpoint's, or the one bound in gin (a model preset)."""
-    if init_config is None:
-        return QwenConfig()
-    try:
-        bound = QwenConfig()
-    except (TypeError, ValueError):  # no preset given: the checkpoint decides
-        return init_config
-    if bound.to_hf_config() != init_config.to_hf_config():
-        diff = {k: (v, init_config.to_hf_config()[k]) for k, v in bound.to_hf_config().items()
-                if init_config.to_hf_config()[k] != v}
+    """The architecture: the initial checkpoint's, or the one bound in gin (a model preset);
+    when both are given they must agree."""
+    if init_config is None or not _gin_binds_model():
+        return init_config or QwenConfig()
+    bound, loaded = QwenConfig().to_hf_config(), init_config.to_hf_config()
+    diff = {k: (v, loaded.get(k)) for k, v in bound.items() if loaded.get(k) != v}
+    if diff:
         raise ValueError(f"the model bound in gin differs from the initial checkpoint's "
                          f"(field: (gin, checkpoint)): {diff}")
     return init_config
@@ -223,7 +239,7 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int | None = None, se
                            shardings, microbatches, nan_policy)
     writer = metrics_lib.MetricWriter(workdir, total_steps or 0)
     watcher = PreemptionWatcher()
-    last_train, last_eval = {}, {}
+    last_train, last_eval, first_eval = {}, {}, {}
 
     def save(step: int) -> None:
         meta = {"step": step, "stage": task.stage(iterator), "seed": seed,
@@ -256,7 +272,7 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int | None = None, se
                 break
             train_step = builder.for_batch(stage, batch)
             if eval_at_start and step == 0:
-                last_eval = evaluate(step, stage)
+                first_eval = evaluate(step, stage)
             if profile_steps and step == profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 profiling = True
@@ -297,4 +313,5 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int | None = None, se
         checkpointer.close()
         writer.close()
         watcher.close()
-    return Result(step=step, workdir=workdir, train=last_train, eval=last_eval)
+    return Result(step=step, workdir=workdir, train=last_train, eval=last_eval,
+                  eval_at_start=first_eval)

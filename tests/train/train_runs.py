@@ -1,0 +1,104 @@
+"""Helpers for tests that run the real entry point in a subprocess on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from qwen_jax.data import demo_corpus
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A 2-layer model on the demo corpus, two stages (the second with longer rows and a new RoPE
+# theta), logging every step.
+TINY_PRETRAIN = [
+    "config.QwenConfig.hidden_size = 32",
+    "config.QwenConfig.intermediate_size = 64",
+    "config.QwenConfig.num_hidden_layers = 2",
+    "stage1/config.DataStage.seq_len = 32",
+    "stage1/config.DataStage.batch_size = 4",
+    "stage2/config.DataStage.seq_len = 64",
+    "stage2/config.DataStage.batch_size = 2",
+    "STAGE1_STEPS = 20",
+    "STAGE2_STEPS = 20",
+    "optimizer.warmup_stable_decay.warmup_steps = 5",
+    "optimizer.warmup_stable_decay.stable_steps = 15",
+    "DECAY_STEPS = 20",
+    "loop.train.log_every = 1",
+    "tasks.PretrainTask.eval_source = None",
+]
+
+
+def write_data(directory) -> dict[str, str]:
+    return demo_corpus.write_demo_data(directory, seed=0, scale=0.05)
+
+
+def data_params(paths: dict[str, str]) -> list[str]:
+    return [f"PRETRAIN_TEXT = '{paths['pretrain.jsonl']}'",
+            f"LONG_TEXT = '{paths['long_docs.jsonl']}'",
+            f"PRETRAIN_EVAL_TEXT = '{paths['pretrain_eval.jsonl']}'"]
+
+
+def command(workdir, gin_files, params) -> list[str]:
+    return ([sys.executable, "-m", "qwen_jax.train", f"--workdir={workdir}"]
+            + [f"--gin_file={f}" for f in gin_files] + [f"--gin_param={p}" for p in params])
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["JAX_PLATFORMS"] = "cpu"
+    e["XLA_FLAGS"] = ""  # one CPU device unless a test asks for more
+    # Compiling the step takes most of a tiny run; runs with the same shapes share executables.
+    e["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "qwen_jax_test_jit_cache")
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return e
+
+
+def run(workdir, gin_files, params, *, extra_env=None, check=True, timeout=600):
+    result = subprocess.run(command(workdir, gin_files, params), cwd=REPO_ROOT,
+                            env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode:
+        raise AssertionError(f"exit {result.returncode}\n{result.stderr[-5000:]}")
+    return result
+
+
+def start(workdir, gin_files, params, *, extra_env=None) -> subprocess.Popen:
+    return subprocess.Popen(command(workdir, gin_files, params), cwd=REPO_ROOT,
+                            env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def train_records(workdir, split: str = "train") -> dict[int, dict]:
+    """The last record logged for each step (a resumed run logs some steps twice)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if record["split"] == split:
+                    records[record["step"]] = record
+    return records
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def load_params(workdir, step: int) -> dict:
+    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    import jax
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
