@@ -91,9 +91,9 @@ def main(argv) -> int:
 
     pretrain = run_phase("pretrain", "configs/demo/pretrain.gin", workdir, data)
     sft = run_phase("sft", "configs/demo/sft.gin", workdir,
-                    data + [f"loop.train.init_from = '{last_step_dir(pretrain)}'"])
+                    data + [f"INIT_FROM = '{last_step_dir(pretrain)}'"])
     dpo = run_phase("dpo", "configs/demo/dpo.gin", workdir,
-                    data + [f"loop.train.init_from = '{last_step_dir(sft)}'"])
+                    data + [f"INIT_FROM = '{last_step_dir(sft)}'"])
     export(last_step_dir(dpo), os.path.join(workdir, "hf"), loop.DEMO_TOKENIZER)
 
     curve = _train_losses(pretrain.workdir)

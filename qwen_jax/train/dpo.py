@@ -127,7 +127,7 @@ def make_dpo_loss_fn(config: DPOConfig, *, chunk_size: int = 2048):
     def loss_fn(model, batch, frozen):
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda x: x, state)  # a copy, so the policy's state is untouched
-        state.replace_by_pure_dict(frozen)
+        nnx.replace_by_pure_dict(state, frozen)
         reference, _ = sequence_logprobs(nnx.merge(graphdef, state), batch, chunk_size=chunk_size)
         reference = jax.lax.stop_gradient(reference)
         policy, lengths = sequence_logprobs(model, batch, chunk_size=chunk_size)
