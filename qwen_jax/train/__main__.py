@@ -16,12 +16,19 @@ from absl import app, flags, logging
 FLAGS = flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order")
 PARAMS = flags.DEFINE_multi_string("gin_param", [], "gin bindings applied after the files")
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and TensorBoard events")
+MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "join the other hosts of a TPU slice or GPU cluster (jax.distributed); "
+    "the coordinator, process count and index come from the TPU metadata or Slurm")
 flags.mark_flag_as_required("workdir")
+
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import gin
+    import jax
+    if MULTIHOST.value:
+        jax.distributed.initialize()
     from qwen_jax.data.bad_records import BadInputError
     from qwen_jax.train import loop
     try:
