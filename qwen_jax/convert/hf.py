@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from qwen_jax.model.config import QwenConfig
@@ -141,6 +141,13 @@ def _bounded(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[slice, ...
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
 
+def _open_safetensors(path: str):
+    try:
+        return safe_open(path, "np")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: corrupt safetensors file ({e})") from None
+
+
 class HFCheckpoint:
     """A directory with `config.json` and one or more `.safetensors` files, opened lazily."""
 
@@ -158,8 +165,8 @@ class HFCheckpoint:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no 'weight_map' object")
         elif os.path.exists(os.path.join(self.directory, SINGLE_FILE)):
-            with safe_open(os.path.join(self.directory, SINGLE_FILE), "np") as f:
-                weight_map = {name: SINGLE_FILE for name in f.keys()}
+            weight_map = {name: SINGLE_FILE
+                          for name in _open_safetensors(os.path.join(self.directory, SINGLE_FILE)).keys()}
         else:
             raise FileNotFoundError(f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE}")
         self.weight_map: dict[str, str] = {
@@ -172,7 +179,7 @@ class HFCheckpoint:
             path = os.path.join(self.directory, file)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: listed in {INDEX_FILE} for {name!r} but missing")
-            self._handles[file] = safe_open(path, "np")
+            self._handles[file] = _open_safetensors(path)
         return self._handles[file]
 
     def tensor(self, name: str):

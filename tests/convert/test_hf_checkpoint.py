@@ -146,3 +146,13 @@ def test_wrong_architecture_is_named(small_checkpoint):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json: unsupported architecture"):
         hf.load_model(small_checkpoint)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header"])
+def test_corrupt_safetensors_file_is_named(small_checkpoint, damage):
+    path = small_checkpoint / hf.SINGLE_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 64 + data[64:])
+    with pytest.raises(ValueError, match=hf.SINGLE_FILE) as error:
+        hf.load_model(small_checkpoint)
+    assert "Traceback" not in str(error.value)
