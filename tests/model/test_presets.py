@@ -12,8 +12,11 @@ from qwen_jax.model.config import QwenConfig, parameter_count
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
-# Model-card sizes (billions, total and non-embedding). Qwen rounds loosely (32B is 32.76B on the
-# hub), so these are checked to 1%; exact counts are checked against transformers.
+# Model-card sizes (billions, total and non-embedding); exact counts are checked against
+# transformers. Totals must be within 0.5% of the card or equal to it at the card's printed
+# precision (0.494B is printed 0.49B), except Qwen2.5-32B, whose card says 32.5B
+# while its own config.json gives 32.76B (+0.8%, transformers' count): that gap is asserted as it
+# is, so the preset is held to the architecture, not to the card's rounding.
 PUBLISHED = {"qwen2_5_0_5b": (0.49, 0.36), "qwen2_5_1_5b": (1.54, 1.31),
              "qwen2_5_3b": (3.09, 2.77), "qwen2_5_7b": (7.61, 6.53),
              "qwen2_5_14b": (14.7, 13.1), "qwen2_5_32b": (32.5, 31.0),
@@ -42,7 +45,12 @@ def test_preset_matches_transformers_parameter_count(name):
     assert parameter_count(config) == expected
     total, non_embedding = PUBLISHED[name]
     embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    assert abs(expected / 1e9 - total) <= 0.01 * total
+    deviation = abs(expected / 1e9 - total) / total
+    if name == "qwen2_5_32b":
+        assert 0.007 < deviation < 0.009
+    else:
+        decimals = len(str(total).split(".")[1])
+        assert deviation <= 0.005 or round(expected / 1e9, decimals) == total
     assert abs((expected - embedding) / 1e9 - non_embedding) <= 0.01 * non_embedding
 
 
