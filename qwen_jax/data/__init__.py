@@ -1,4 +1,4 @@
 """Data pipelines: sources, tokenizer, ChatML, packing, mixtures and stages, SFT and DPO.
 
-Entry points live in `qwen_jax.data.pipeline`; see notes/data.md for the interfaces.
+Entry points live in `qwen_jax.data.pipeline`; see BUILD_NOTES.md ("Input pipelines") for the interfaces.
 """
