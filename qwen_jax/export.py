@@ -1,6 +1,6 @@
 """Writes a model checkpoint (import_hf's output or a training step) as a Hugging Face checkpoint.
 
-  python -m qwen_jax.export --checkpoint_dir=workdir/checkpoints/1000 --output_dir=hf_out \
+  python -m qwen_jax.export --checkpoint=workdir/checkpoints/1000 --output_dir=hf_out \
       [--dtype=bfloat16] [--max_shard_gb=5] [--gin_file=configs/mesh/fsdp.gin ...]
 
 The output (config.json, generation_config.json, model-*-of-*.safetensors and their index) loads
@@ -17,11 +17,13 @@ from absl import app, flags
 
 from qwen_jax.convert.cli import gin_mesh
 
-_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "model checkpoint or step directory")
+_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint", None, "model checkpoint or step directory")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "HF checkpoint to create (must not exist)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "stored tensor dtype")
+_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
+                                     "directory whose tokenizer files are copied into the export")
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors file, in GiB")
-flags.mark_flags_as_required(["checkpoint_dir", "output_dir"])
+flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
 
 def main(argv) -> int:
@@ -36,7 +38,8 @@ def main(argv) -> int:
         model = model_io.load_model(_CHECKPOINT_DIR.value, Runtime(param_dtype="float32"),
                                     mesh=mesh, rules=rules)
         hf.save_model(model, _OUTPUT_DIR.value, dtype=_DTYPE.value,
-                      max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30))
+                      max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
+                      tokenizer_dir=_TOKENIZER_DIR.value)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Converts a Hugging Face Qwen2/Qwen2.5 checkpoint into a model checkpoint for training.
 
-  python -m qwen_jax.import_hf --hf_dir=Qwen2.5-7B --output_dir=ckpt/qwen2.5-7b \
+  python -m qwen_jax.import_hf --hf_dir=Qwen2.5-7B --output=ckpt/qwen2.5-7b \
       [--dtype=bfloat16] [--gin_file=configs/mesh/fsdp.gin --gin_param=...]
 
 Reads `config.json` and the safetensors shards (checked tensor by tensor against the config) and
@@ -18,10 +18,10 @@ from absl import app, flags
 from qwen_jax.convert.cli import gin_mesh
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "directory with config.json and *.safetensors")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "model checkpoint to create (must not exist)")
+_OUTPUT_DIR = flags.DEFINE_string("output", None, "model checkpoint to create (must not exist)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "stored parameter dtype (training casts to Runtime.param_dtype on load)")
-flags.mark_flags_as_required(["hf_dir", "output_dir"])
+flags.mark_flags_as_required(["hf_dir", "output"])
 
 
 def main(argv) -> int:

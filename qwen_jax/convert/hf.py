@@ -290,13 +290,22 @@ def hf_tensors(model: Qwen2ForCausalLM, dtype: str | None = None
             yield rule.hf_name.format(i=i), thunk
 
 
+QWEN_STOP_IDS = (151_645, 151_643)  # <|im_end|>, <|endoftext|>
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
 def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, dtype: str = "bfloat16",
-               max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None) -> None:
+               max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None,
+               tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Writes an HF checkpoint transformers' `from_pretrained` reads; all or nothing.
+
+    `generation_config` entries override the Qwen2.5 defaults (stop at `<|im_end|>` 151645 or
+    `<|endoftext|>` 151643). The tokenizer files found in `tokenizer_dir` are copied along.
 
     Files are written into a temporary sibling directory that replaces `directory` only once
     complete, so an interrupted export never leaves a half-written checkpoint behind.
@@ -338,9 +347,16 @@ def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, dtype: 
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         generation = {"bos_token_id": model.config.bos_token_id,
-                      "eos_token_id": model.config.eos_token_id, **(generation_config or {})}
+                      "eos_token_id": list(QWEN_STOP_IDS), **(generation_config or {})}
         with open(os.path.join(staging, "generation_config.json"), "w") as f:
             json.dump(generation, f, indent=2)
+        if tokenizer_dir is not None:
+            copied = [name for name in TOKENIZER_FILES
+                      if os.path.exists(os.path.join(tokenizer_dir, name))]
+            if not copied:
+                raise FileNotFoundError(f"{tokenizer_dir}: none of {TOKENIZER_FILES}")
+            for name in copied:
+                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, name))
         if os.path.exists(directory):
             os.rmdir(directory)  # empty, checked above
         os.rename(staging, directory)

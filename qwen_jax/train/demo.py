@@ -56,9 +56,12 @@ def export(step_dir: str, output_dir: str, tokenizer_path: str) -> None:
     from qwen_jax.model.layers import Runtime
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)  # the demo's own output, rebuilt from the final step
+    from qwen_jax.data.tokenizer import Tokenizer
     model = model_io.load_model(step_dir, Runtime(param_dtype="float32"))
-    hf.save_model(model, output_dir, dtype="float32")
-    shutil.copy(tokenizer_path, os.path.join(output_dir, "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    hf.save_model(model, output_dir, dtype="float32",
+                  generation_config={"eos_token_id": [tokenizer.im_end_id, tokenizer.eos_id]},
+                  tokenizer_dir=os.path.dirname(tokenizer_path))
 
 
 def figures_table(results: dict) -> str:

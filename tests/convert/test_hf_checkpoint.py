@@ -156,3 +156,20 @@ def test_corrupt_safetensors_file_is_named(small_checkpoint, damage):
     with pytest.raises(ValueError, match=hf.SINGLE_FILE) as error:
         hf.load_model(small_checkpoint)
     assert "Traceback" not in str(error.value)
+
+
+def test_export_writes_qwen_stop_ids_and_copies_the_tokenizer(small_checkpoint, tmp_path):
+    from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
+    out = tmp_path / "export"
+    hf.save_model(hf.load_model(small_checkpoint), out,
+                  tokenizer_dir=os.path.dirname(DEMO_TOKENIZER_PATH))
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == [151645, 151643]
+    assert (out / "tokenizer.json").read_bytes() == open(DEMO_TOKENIZER_PATH, "rb").read()
+
+
+def test_failed_export_leaves_nothing(small_checkpoint, tmp_path):
+    out = tmp_path / "export"
+    with pytest.raises(FileNotFoundError, match="none of"):
+        hf.save_model(hf.load_model(small_checkpoint), out, tokenizer_dir=tmp_path / "absent")
+    assert sorted(os.listdir(tmp_path)) == ["hf"]

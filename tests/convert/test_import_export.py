@@ -37,7 +37,7 @@ def reference(tmp_path_factory):
 def imported(reference, tmp_path_factory):
     """import_hf on all 8 emulated devices with the fsdp mesh preset, stored in float32."""
     out = tmp_path_factory.mktemp("ckpt") / "model"
-    result = run("qwen_jax.import_hf", f"--hf_dir={reference[1]}", f"--output_dir={out}",
+    result = run("qwen_jax.import_hf", f"--hf_dir={reference[1]}", f"--output={out}",
                  "--dtype=float32", "--gin_file=configs/mesh/fsdp.gin")
     assert result.returncode == 0, result.stderr
     return out
@@ -74,7 +74,7 @@ def test_training_step_directory_exports_to_transformers(reference, imported, tm
         opt_state=ocp.args.StandardSave({"count": jnp.zeros((), jnp.int32)})))
     manager.wait_until_finished()
     out = tmp_path / "hf_out"
-    result = run("qwen_jax.export", f"--checkpoint_dir={tmp_path / 'checkpoints' / '7'}",
+    result = run("qwen_jax.export", f"--checkpoint={tmp_path / 'checkpoints' / '7'}",
                  f"--output_dir={out}", "--dtype=float32")
     assert result.returncode == 0, result.stderr
     exported = transformers.Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -85,13 +85,13 @@ def test_training_step_directory_exports_to_transformers(reference, imported, tm
 
 
 def test_import_refuses_an_existing_output(reference, imported):
-    result = run("qwen_jax.import_hf", f"--hf_dir={reference[1]}", f"--output_dir={imported}")
+    result = run("qwen_jax.import_hf", f"--hf_dir={reference[1]}", f"--output={imported}")
     assert result.returncode == 1
     assert result.stderr.strip().endswith("already exists; refusing to overwrite")
 
 
 def test_export_names_a_directory_that_is_no_checkpoint(tmp_path):
-    result = run("qwen_jax.export", f"--checkpoint_dir={tmp_path}", f"--output_dir={tmp_path}/o")
+    result = run("qwen_jax.export", f"--checkpoint={tmp_path}", f"--output_dir={tmp_path}/o")
     assert result.returncode == 1
     assert "no 'params' item; not a model checkpoint" in result.stderr
     assert not os.path.exists(tmp_path / "o")
