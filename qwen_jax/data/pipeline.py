@@ -203,6 +203,21 @@ def pretrain_eval_iterator(source: Source | str, tokenizer: Tokenizer, *, seq_le
                                      tracker=tracker, num_epochs=1, prefetch=0))
 
 
+def _record_dataset(srcs, weights, kind: str, caller: str, *, batch_size: int, seed: int,
+                    num_epochs: int | None, shuffle: bool, shard_index: int | None,
+                    shard_count: int | None, min_records_for_bad_check: int):
+  """(this host's parsed records with bad-record accounting, per-host batch size): the part
+  the SFT and DPO pipelines share."""
+  shard_index, shard_count = _shard(shard_index, shard_count)
+  per_host = _per_host(batch_size, shard_count, caller)
+  tracker = BadRecordTracker({s.name: s.max_bad_fraction for s in srcs},
+                             min_records=min_records_for_bad_check)
+  ds = document_dataset(srcs, weights, kind, seed=seed, shard_index=shard_index,
+                        shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle,
+                        tracker=tracker)
+  return ds, per_host
+
+
 def sft_iterator(sources, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
                  num_epochs: int | None = None, weights: Mapping[str, float] | None = None,
                  system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
@@ -212,16 +227,12 @@ def sft_iterator(sources, tokenizer: Tokenizer, *, seq_len: int, batch_size: int
                  min_records_for_bad_check: int = 1000) -> grain.DatasetIterator:
   """Packed ChatML batches; loss only on assistant turns. `sources`: Source(s) or glob(s) of
   JSONL with a `messages` field. `for_eval`: one unshuffled pass, last batch padded."""
-  srcs = _as_sources(sources, "messages")
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  per_host = _per_host(batch_size, shard_count, "sft_iterator")
   if for_eval:
     num_epochs = 1
-  tracker = BadRecordTracker({s.name: s.max_bad_fraction for s in srcs},
-                             min_records=min_records_for_bad_check)
-  ds = document_dataset(srcs, weights, "messages", seed=seed, shard_index=shard_index,
-                        shard_count=shard_count, num_epochs=num_epochs, shuffle=not for_eval,
-                        tracker=tracker)
+  ds, per_host = _record_dataset(
+      _as_sources(sources, "messages"), weights, "messages", "sft_iterator", batch_size=batch_size,
+      seed=seed, num_epochs=num_epochs, shuffle=not for_eval, shard_index=shard_index,
+      shard_count=shard_count, min_records_for_bad_check=min_records_for_bad_check)
   ds = ds.map(examples.ChatToExample(tokenizer, seq_len, system_prompt))
   ds = packing.pack(ds, seq_len=seq_len, packing="first_fit",
                     num_packing_bins=num_packing_bins or per_host, seed=_sub_seed(seed, "pack"),
@@ -239,16 +250,13 @@ def dpo_iterator(source, tokenizer: Tokenizer, *, prompt_len: int, response_len:
   """Preference pairs, one per row: `chosen_*` and `rejected_*` batches of the same pairs, rows
   of prompt_len + response_len tokens. `source`: Source(s) or glob(s) of JSONL records with
   `prompt`, `chosen`, `rejected`."""
-  srcs = _as_sources(source, "prompt/chosen/rejected")
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  per_host = _per_host(batch_size, shard_count, "dpo_iterator")
   if for_eval:
     num_epochs = 1
-  tracker = BadRecordTracker({s.name: s.max_bad_fraction for s in srcs},
-                             min_records=min_records_for_bad_check)
-  ds = document_dataset(srcs, None, "preference", seed=seed, shard_index=shard_index,
-                        shard_count=shard_count, num_epochs=num_epochs, shuffle=not for_eval,
-                        tracker=tracker)
+  ds, per_host = _record_dataset(
+      _as_sources(source, "prompt/chosen/rejected"), None, "preference", "dpo_iterator",
+      batch_size=batch_size, seed=seed, num_epochs=num_epochs, shuffle=not for_eval,
+      shard_index=shard_index, shard_count=shard_count,
+      min_records_for_bad_check=min_records_for_bad_check)
   ds = ds.map(examples.PreferenceToExample(tokenizer, prompt_len, response_len, system_prompt))
   ds = _batched(ds, per_host, finite=num_epochs is not None)
   return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
