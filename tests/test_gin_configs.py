@@ -40,3 +40,19 @@ def test_parses(path):
         finally:
             gin.clear_config()
     pytest.fail(f"{path}: too many required macros: {bindings}")
+
+
+def test_demo_model_matches_the_demo_tokenizer():
+    """configs/demo/model.gin names the demo tokenizer's <|endoftext|> id and covers its vocab."""
+    from qwen_jax.data.tokenizer import Tokenizer
+    from qwen_jax.model.config import QwenConfig
+
+    tokenizer = Tokenizer.from_file(loop.DEMO_TOKENIZER)
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "configs/demo/model.gin")], [])
+        config = QwenConfig()
+    finally:
+        gin.clear_config()
+    assert config.bos_token_id == config.eos_token_id == tokenizer.eos_id
+    assert tokenizer.vocab_size <= config.vocab_size < tokenizer.vocab_size + 128

@@ -1,10 +1,13 @@
 """A seeded generator of synthetic data on which a tiny model learns visibly within minutes on CPU.
 
-The world is small on purpose: a few dozen fictional countries with three attributes each, and
-two-operand arithmetic on small numbers. Every kind of record asks about the same world, so the
-stages build on each other: pre-training text states the facts, chat records ask them as
-questions with exact short answers (SFT, judged by exact match), and preference pairs contrast
-the right answer with a wrong one (DPO). Everything is a pure function of the seed.
+The world is small on purpose: sixteen fictional countries with three attributes each, and
+addition and subtraction of numbers under six, about a hundred questions in all, so that a model
+of about a million parameters learns a visible share of them within minutes on a CPU. Every kind
+of record asks about the same world, so the stages build on each other: pre-training text states
+each fact as prose and as a "Q: ... A: ..." line (as web text holds FAQs; a fact seen only as
+prose is stored but hard to recall as an answer), chat records ask the questions in ChatML with
+exact short answers (SFT, judged by exact match), and preference pairs contrast the right answer
+with the answer to another question (DPO). Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Country:
   animal: str
 
 
-def make_world(seed: int = 0, num_countries: int = 40) -> list[Country]:
+def make_world(seed: int = 0, num_countries: int = 16) -> list[Country]:
   """Fictional countries with distinct names and capitals."""
   rng = random.Random(seed)
   names: set[str] = set()
@@ -56,8 +59,8 @@ def _fact_sentences(c: Country) -> list[str]:
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-  """A question body like '12 + 7' and its answer; subtraction never goes below zero."""
-  a, b = rng.randrange(50), rng.randrange(50)
+  """A question body like '5 + 3' and its answer; subtraction never goes below zero."""
+  a, b = rng.randrange(6), rng.randrange(6)
   if rng.random() < 0.5:
     return f"{a} + {b}", str(a + b)
   a, b = max(a, b), min(a, b)
@@ -65,12 +68,12 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
 
 
 def is_held_out(question: str) -> bool:
-  """One question in ten belongs to the eval splits only (a stable hash of its text)."""
-  return zlib.crc32(question.encode()) % 10 == 0
+  """About one question in four belongs to the eval splits only (a stable hash of its text)."""
+  return zlib.crc32(question.encode()) % 4 == 0
 
 
 def _question(rng: random.Random, world: list[Country], held_out: bool) -> tuple[str, str, str]:
-  """(question, exact answer, wrong answer) from the train or the held-out questions."""
+  """`_any_question` from the train or the held-out questions."""
   while True:
     question = _any_question(rng, world)
     if is_held_out(question[0]) == held_out:
@@ -78,33 +81,44 @@ def _question(rng: random.Random, world: list[Country], held_out: bool) -> tuple
 
 
 def _any_question(rng: random.Random, world: list[Country]) -> tuple[str, str, str]:
+  """(question, right answer, rejected answer). The rejected answer answers another question,
+  the failure a preference pair teaches away: the other operation on the same numbers, or
+  another attribute of the same country."""
   kind = rng.randrange(4)
   if kind == 0:
     expr, answer = _arithmetic(rng)
-    wrong = str(int(answer) + rng.choice((-2, -1, 1, 2, 10)))
-    return f"What is {expr}?", answer, wrong
+    a, op, b = expr.split()
+    other = int(a) - int(b) if op == "+" else int(a) + int(b)
+    return f"What is {expr}?", answer, str(other if str(other) != answer else other + 1)
   c = rng.choice(world)
-  other = rng.choice([o for o in world if o != c])
-  if kind == 1:
-    return f"What is the capital of {c.name}?", c.capital, other.capital
-  if kind == 2:
-    wrong = rng.choice([x for x in _COLORS if x != c.color])
-    return f"What color is the flag of {c.name}?", c.color, wrong
-  wrong = rng.choice([x for x in _ANIMALS if x != c.animal])
-  return f"What is the national animal of {c.name}?", c.animal, wrong
+  attributes = {"capital": c.capital, "color": c.color, "animal": c.animal}
+  asked = ("capital", "color", "animal")[kind - 1]
+  question = {"capital": f"What is the capital of {c.name}?",
+              "color": f"What color is the flag of {c.name}?",
+              "animal": f"What is the national animal of {c.name}?"}[asked]
+  rejected = rng.choice([attributes[k] for k in attributes if k != asked])
+  return question, attributes[asked], rejected
 
 
 def pretrain_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
-  """Short documents of 3-8 statements: arithmetic facts or country facts."""
+  """Short documents of 3-8 statements: arithmetic, country facts, or questions with answers.
+
+  The questions are drawn from all of them, held-out ones included: held-out questions are new
+  to SFT and DPO, not to the model's knowledge.
+  """
   rng = random.Random(seed)
   for _ in range(n):
     lines = []
     for _ in range(rng.randint(3, 8)):
-      if rng.random() < 0.5:
+      kind = rng.random()
+      if kind < 0.3:
         expr, answer = _arithmetic(rng)
         lines.append(f"{expr} = {answer}")
-      else:
+      elif kind < 0.65:
         lines.append(rng.choice(_fact_sentences(rng.choice(world))))
+      else:
+        question, answer, _ = _any_question(rng, world)
+        lines.append(f"Q: {question}\nA: {answer}")
     yield {"text": "\n".join(lines)}
 
 

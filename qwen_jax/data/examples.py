@@ -9,7 +9,7 @@ the loss mask carried from `render_chat`. DPO pairs are built whole, one pair pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -95,14 +95,18 @@ class PreferenceToExample:
   generation prompt (kept from the right: its last `prompt_len` tokens) and the response is the
   answer plus `<|im_end|>` (kept from the left: its first `response_len` tokens). Rows have
   length prompt_len + response_len; `*_loss_mask` is 1 where the target is a response token.
+  With `reference_logps` ({record location: (chosen, rejected) summed log-probs}, computed once
+  before DPO training), rows also carry `reference_chosen_logps` and `reference_rejected_logps`.
   """
 
   def __init__(self, tokenizer: Tokenizer, prompt_len: int, response_len: int,
-               system_prompt: str | None):
+               system_prompt: str | None,
+               reference_logps: Mapping[str, tuple[float, float]] | None = None):
     self._tokenizer = tokenizer
     self._prompt_len = prompt_len
     self._response_len = response_len
     self._system_prompt = system_prompt
+    self._reference_logps = reference_logps
 
   def _sequence(self, prompt_ids: np.ndarray, response: str) -> dict[str, np.ndarray]:
     response_ids = np.asarray(self._tokenizer.encode(response) + [self._tokenizer.im_end_id],
@@ -129,4 +133,11 @@ class PreferenceToExample:
     for name in ("chosen", "rejected"):
       for k, v in self._sequence(prompt_ids, doc[name]).items():
         out[f"{name}_{k}"] = v
+    if self._reference_logps is not None:
+      if doc["loc"] not in self._reference_logps:
+        raise ValueError(f"{doc['loc']}: no precomputed reference log-probs for this pair (the "
+                         f"data changed after they were computed)")
+      chosen, rejected = self._reference_logps[doc["loc"]]
+      out["reference_chosen_logps"] = np.float32(chosen)
+      out["reference_rejected_logps"] = np.float32(rejected)
     return out

@@ -246,10 +246,12 @@ def dpo_iterator(source, tokenizer: Tokenizer, *, prompt_len: int, response_len:
                  system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
                  shard_index: int | None = None, shard_count: int | None = None,
                  worker_count: int = 0, prefetch: int = 2, for_eval: bool = False,
-                 min_records_for_bad_check: int = 1000) -> grain.DatasetIterator:
+                 min_records_for_bad_check: int = 1000,
+                 reference_logps: Mapping[str, tuple[float, float]] | None = None,
+                 ) -> grain.DatasetIterator:
   """Preference pairs, one per row: `chosen_*` and `rejected_*` batches of the same pairs, rows
   of prompt_len + response_len tokens. `source`: Source(s) or glob(s) of JSONL records with
-  `prompt`, `chosen`, `rejected`."""
+  `prompt`, `chosen`, `rejected`. `reference_logps`: see `examples.PreferenceToExample`."""
   if for_eval:
     num_epochs = 1
   ds, per_host = _record_dataset(
@@ -257,9 +259,19 @@ def dpo_iterator(source, tokenizer: Tokenizer, *, prompt_len: int, response_len:
       batch_size=batch_size, seed=seed, num_epochs=num_epochs, shuffle=not for_eval,
       shard_index=shard_index, shard_count=shard_count,
       min_records_for_bad_check=min_records_for_bad_check)
-  ds = ds.map(examples.PreferenceToExample(tokenizer, prompt_len, response_len, system_prompt))
+  ds = ds.map(examples.PreferenceToExample(tokenizer, prompt_len, response_len, system_prompt,
+                                           reference_logps))
   ds = _batched(ds, per_host, finite=num_epochs is not None)
   return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
+
+
+def preference_documents(source) -> Iterator[dict]:
+  """Every parsed preference pair of `source` (Source(s) or glob(s)) in file order, with its
+  "loc": one pass on this host over all records, for computing per-pair values up front."""
+  for src in _as_sources(source, "prompt/chosen/rejected"):
+    tracker = BadRecordTracker({src.name: src.max_bad_fraction})
+    yield from document_dataset([src], None, "preference", seed=0, shard_index=0, shard_count=1,
+                                num_epochs=1, shuffle=False, tracker=tracker)
 
 
 def generation_eval_examples(source: Source | str, tokenizer: Tokenizer, *,

@@ -10,6 +10,12 @@ Definitions (TRL's `loss_type` names; h = (pi_c - pi_r) - (ref_c - ref_r), eps =
   hinge:   relu(1 - beta h)
   ipo:     (h - 1/(2 beta))^2, with log-probs averaged over response tokens as TRL does
 Rewards are beta * (policy - reference) log-probs (summed, also for IPO) per response.
+rpo_alpha (TRL's name; RPO, Pang et al. 2024): adds alpha times the chosen response's negative
+log-likelihood per token, which keeps DPO from lowering the chosen answer's probability along
+with the rejected one's. TRL averages that NLL over all chosen tokens of the batch; here it is
+averaged per pair, then over pairs, so that it sums over pairs like every other term (exact
+under gradient accumulation and data parallelism); the two agree when responses have equal
+lengths.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -43,6 +50,8 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
             raise ValueError(f"DPOConfig: label_smoothing has no meaning for loss_type={self.loss_type!r}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"DPOConfig.rpo_alpha={self.rpo_alpha} must be >= 0")
 
 
 def preference_loss(config: DPOConfig, policy_chosen, policy_rejected, ref_chosen, ref_rejected):
@@ -63,7 +72,7 @@ def dpo_terms(config: DPOConfig, policy: dict, reference: dict, lengths: dict) -
     """Per-pair loss and TRL's per-pair metrics, each [B].
 
     `policy`, `reference`: {'chosen': [B], 'rejected': [B]} summed response log-probs;
-    `lengths`: {'chosen': [B], 'rejected': [B]} response token counts (used by IPO only).
+    `lengths`: {'chosen': [B], 'rejected': [B]} response token counts (for IPO and RPO).
     """
     if config.loss_type == "ipo":
         compared = {name: {s: logps[s] / jnp.maximum(lengths[s], 1) for s in SIDES}
@@ -72,6 +81,8 @@ def dpo_terms(config: DPOConfig, policy: dict, reference: dict, lengths: dict) -
         compared = {"policy": policy, "reference": reference}
     losses = preference_loss(config, compared["policy"]["chosen"], compared["policy"]["rejected"],
                              compared["reference"]["chosen"], compared["reference"]["rejected"])
+    if config.rpo_alpha:
+        losses = losses - config.rpo_alpha * policy["chosen"] / jnp.maximum(lengths["chosen"], 1)
     chosen_rewards = config.beta * (policy["chosen"] - reference["chosen"])
     rejected_rewards = config.beta * (policy["rejected"] - reference["rejected"])
     return {
@@ -100,7 +111,6 @@ def sequence_logprobs(model, batch: dict, *, chunk_size: int) -> tuple[dict, dic
     only tokens under `<side>_loss_mask` (the response) count.
     """
 
-
     def both(key):
         return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
 
@@ -120,16 +130,20 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 def make_dpo_loss_fn(config: DPOConfig, *, chunk_size: int = 2048):
     """`loss_fn(model, batch, frozen) -> (loss_sum, aux)` in the train step's contract: sums over
     the pairs, `aux["weight"]` = the number of pairs (so microbatches and devices average right);
-    `frozen` holds the reference parameters (a pure dict shaped like the policy's).
+    `frozen` holds the reference parameters (a pure dict shaped like the policy's), unless the
+    batch carries precomputed `reference_chosen_logps` and `reference_rejected_logps` [B].
     `pair_means` turns the summed metrics back into TRL's per-batch means."""
 
-
     def loss_fn(model, batch, frozen):
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda x: x, state)  # a copy, so the policy's state is untouched
-        nnx.replace_by_pure_dict(state, frozen)
-        reference, _ = sequence_logprobs(nnx.merge(graphdef, state), batch, chunk_size=chunk_size)
-        reference = jax.lax.stop_gradient(reference)
+        if "reference_chosen_logps" in batch:
+            reference = {s: batch[f"reference_{s}_logps"] for s in SIDES}
+        else:
+            graphdef, state = nnx.split(model)
+            state = jax.tree.map(lambda x: x, state)  # a copy, so the policy's state is untouched
+            nnx.replace_by_pure_dict(state, frozen)
+            reference, _ = sequence_logprobs(nnx.merge(graphdef, state), batch,
+                                             chunk_size=chunk_size)
+            reference = jax.lax.stop_gradient(reference)
         policy, lengths = sequence_logprobs(model, batch, chunk_size=chunk_size)
         terms = dpo_terms(config, policy, reference, lengths)
         # Rows with an empty response are padding (the last batch of an eval pass).

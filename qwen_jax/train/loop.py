@@ -200,7 +200,17 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int | None = None, se
         raise ValueError(f"QwenConfig.vocab_size={base_config.vocab_size} is smaller than the "
                          f"tokenizer's {tokenizer.vocab_size} ids ({tokenizer_path})")
     iterator = task.iterator(tokenizer, seed)  # fails on missing data before the workdir is touched
+    precompute = getattr(task, "precompute_reference", False)
+    reference_dir = (getattr(task, "reference", None) or init_from) if precompute else None
+    if precompute and reference_dir is None:
+        raise ValueError("DPOTask.precompute_reference needs the reference's weights: set "
+                         "loop.train.init_from or DPOTask.reference")
     _check_run(workdir, {"task": task.kind, "model": base_config.to_hf_config()})
+    if precompute:
+        from qwen_jax.checkpoint.model_io import load_model
+        task.prepare_reference(workdir, tokenizer, lambda: load_model(
+            reference_dir, runtime, mesh=mesh, rules=rules))
+        iterator = task.iterator(tokenizer, seed)  # now carrying the reference log-probs
     stage = task.stage(iterator)
     config = task.model_config(base_config, stage)
     state, _, shardings = create_train_state(
@@ -291,7 +301,7 @@ def train(workdir: str, *, task=gin.REQUIRED, total_steps: int | None = None, se
                 host = jax.device_get(task.step_metrics(step_metrics))
                 seconds = (time.monotonic() - window_start) / window_steps
                 tokens_per_s = float(host["tokens"]) / seconds
-                seq_len = max(np.shape(v)[1] for v in batch.values())
+                seq_len = max(np.shape(v)[-1] for v in batch.values() if np.ndim(v) == 2)
                 flops = metrics_lib.model_flops_per_token(builder.config, seq_len)
                 last_train = {k: v for k, v in host.items() if k not in _UNLOGGED}
                 last_train.update({"step_time_s": seconds, "tokens_per_s": tokens_per_s,

@@ -3,6 +3,7 @@
 The loop (`qwen_jax.train.loop`) is the same for all three; a task supplies
   kind                     'pretrain' | 'sft' | 'dpo' (recorded in the workdir)
   needs_frozen             whether the state carries frozen parameters (the DPO reference)
+  prepare_reference(...)   (DPO with precompute_reference) the reference log-probs table
   iterator(tok, seed)      the resumable training batch iterator
   stage(iterator)          the name of the stage of the next batch
   model_config(cfg, stage) the architecture for a stage (staged pre-training raises RoPE theta)
@@ -13,17 +14,19 @@ The loop (`qwen_jax.train.loop`) is the same for all three; a task supplies
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import gin
 import jax
 import numpy as np
 
-from qwen_jax.data import pipeline
+from qwen_jax.data import examples, pipeline
 from qwen_jax.data.chat import DEFAULT_SYSTEM_PROMPT
 from qwen_jax.data.config import DataStage, Source
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.train import dpo, evaluation
+from qwen_jax.train import reference as reference_lib
 from qwen_jax.train.step import lm_loss_fn
 
 
@@ -163,32 +166,62 @@ class SFTTask:
 @gin.configurable
 class DPOTask:
     """DPO on preference pairs against a frozen reference (by default the starting weights; the
-    loop loads `reference` when it names another checkpoint)."""
+    loop loads `reference` when it names another checkpoint).
+
+    precompute_reference: compute the reference log-probs of every train and eval pair in one
+      pass before training (`qwen_jax.train.reference`) instead of in each step, so no frozen
+      copy of the model stays on the devices; the table is kept in the workdir for resumes.
+    """
 
     kind = "dpo"
-    needs_frozen = True
 
     def __init__(self, source=gin.REQUIRED, prompt_len: int = gin.REQUIRED,
                  response_len: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
                  num_epochs: int | None = 1, config: dpo.DPOConfig | None = None,
-                 reference: str | None = None, eval_source=None, eval_batch_size: int = 16,
-                 max_new_tokens: int = 16, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                 chunk_size: int = 2048, worker_count: int = 0):
+                 reference: str | None = None, precompute_reference: bool = False,
+                 eval_source=None, eval_batch_size: int = 16, max_new_tokens: int = 16,
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, chunk_size: int = 2048,
+                 worker_count: int = 0):
         self.source, self.prompt_len, self.response_len = source, prompt_len, response_len
         self.batch_size, self.num_epochs = batch_size, num_epochs
         self.config = config or dpo.DPOConfig()
-        self.reference = reference
+        self.reference, self.precompute_reference = reference, precompute_reference
         self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
         self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
-        self.worker_count = worker_count
+        self.worker_count, self.chunk_size = worker_count, chunk_size
         self.loss_fn = dpo.make_dpo_loss_fn(self.config, chunk_size=chunk_size)
+        self.reference_logps = None
 
     total_steps = None
+
+    @property
+    def needs_frozen(self) -> bool:
+        return not self.precompute_reference
+
+    def _to_example(self, tokenizer):
+        return examples.PreferenceToExample(tokenizer, self.prompt_len, self.response_len,
+                                            self.system_prompt)
+
+    def prepare_reference(self, workdir: str, tokenizer, load_reference_model) -> None:
+        """With `precompute_reference`: reads this run's table from the workdir, or computes it
+        with `load_reference_model()` and writes it there (process 0)."""
+        path = os.path.join(workdir, reference_lib.TABLE_FILE)
+        if os.path.exists(path):
+            self.reference_logps = reference_lib.load_table(path)
+            return
+        sources = [self.source] + ([self.eval_source] if self.eval_source is not None else [])
+        table = reference_lib.compute_table(
+            load_reference_model(), sources, self._to_example(tokenizer),
+            batch_size=self.eval_batch_size, chunk_size=self.chunk_size)
+        if jax.process_index() == 0:
+            reference_lib.save_table(path, table)
+        self.reference_logps = table
 
     def _pairs(self, source, tokenizer, **kwargs):
         return pipeline.dpo_iterator(source, tokenizer, prompt_len=self.prompt_len,
                                      response_len=self.response_len,
-                                     system_prompt=self.system_prompt, **kwargs)
+                                     system_prompt=self.system_prompt,
+                                     reference_logps=self.reference_logps, **kwargs)
 
     def iterator(self, tokenizer, seed: int):
         return self._pairs(self.source, tokenizer, batch_size=self.batch_size, seed=seed,

@@ -48,6 +48,18 @@ def test_demo_corpus_is_deterministic_and_consistent(tmp_path):
         assert int(ans["content"]) == int(x) + int(y)
   pref = [json.loads(l) for l in open(a["preference_train.jsonl"], encoding="utf-8")]
   assert all(p["chosen"] != p["rejected"] for p in pref)
+  # A rejected answer answers another question: another attribute of the same country, or the
+  # other operation on the same numbers.
+  for p in pref:
+    prompt = p["prompt"]
+    if "+" in prompt or " - " in prompt:
+      x, op, y = prompt[len("What is "):-1].split()
+      other = int(x) - int(y) if op == "+" else int(x) + int(y)
+      assert p["rejected"] in (str(other), str(other + 1)), p
+    else:
+      country = world[prompt.split(" of ")[-1][:-1]]
+      attributes = {country.capital, country.color, country.animal}
+      assert {p["chosen"], p["rejected"]} <= attributes, p
   # Eval questions never occur in the train splits.
   def questions(name, key):
     for line in open(a[name], encoding="utf-8"):
@@ -60,3 +72,7 @@ def test_demo_corpus_is_deterministic_and_consistent(tmp_path):
                                ("preference_train.jsonl", "preference_eval.jsonl", "prompt")):
     assert not set(questions(train, key)) & set(questions(held_out, key))
     assert all(demo_corpus.is_held_out(q) for q in questions(held_out, key))
+  # Pre-training text states every question's answer, held-out questions included.
+  pretrain = open(a["pretrain.jsonl"], encoding="utf-8").read()
+  assert any(demo_corpus.is_held_out(q) and f"Q: {q}\\nA: " in pretrain
+             for q in questions("chat_eval.jsonl", "messages"))

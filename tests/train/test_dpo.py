@@ -65,6 +65,21 @@ def test_losses_match_their_formulas(loss_type, smoothing):
     np.testing.assert_allclose(loss, ref.mean(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_adds_the_chosen_nll_per_token(loss_type):
+    """rpo_alpha adds alpha * (-log p(chosen) / chosen tokens) per pair to the preference loss;
+    the reported rewards and log-probs do not change."""
+    pc, pr = np.array([-3.0, -7.5, -1.0]), np.array([-4.0, -2.0, -9.0])
+    rc, rr = np.array([-3.5, -6.0, -2.0]), np.array([-3.0, -2.5, -8.0])
+    lc = np.asarray(LENGTHS["chosen"])
+    args = (_logps(pc, pr), _logps(rc, rr), LENGTHS)
+    plain, plain_metrics = dpo.dpo_loss_and_metrics(dpo.DPOConfig(loss_type=loss_type), *args)
+    rpo, rpo_metrics = dpo.dpo_loss_and_metrics(
+        dpo.DPOConfig(loss_type=loss_type, rpo_alpha=0.5), *args)
+    np.testing.assert_allclose(rpo, plain + 0.5 * np.mean(-pc / lc), rtol=1e-6)
+    assert rpo_metrics == plain_metrics
+
+
 def _pair_batch(rng, batch, prompt, response, vocab):
     """Rows: a prompt then a response; the response tokens (targets) are under the loss mask."""
     out = {}
