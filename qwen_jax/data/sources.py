@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,7 +107,9 @@ class JsonlFile:
 
 class ParquetFile:
   """Row-addressable Parquet file; decoded row groups are cached, so sequential or windowed
-  access costs one row-group read per row group."""
+  access costs one row-group read per row group. Grain reads with several threads, and one
+  `pyarrow.parquet.ParquetFile` must not be read by two at once (it crashed the process), so
+  reads take a lock."""
 
   _CACHED_GROUPS = 2
 
@@ -120,6 +123,7 @@ class ParquetFile:
     self._group_starts = np.cumsum([0] + counts)
     self._file = None
     self._groups: dict[int, list[dict]] = {}
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return int(self._group_starts[-1])
@@ -129,17 +133,24 @@ class ParquetFile:
 
   def read(self, j: int) -> dict:
     group = int(np.searchsorted(self._group_starts, j, side="right") - 1)
-    if group not in self._groups:
-      if self._file is None:
-        import pyarrow.parquet as pq
-        self._file = pq.ParquetFile(self.path)
-      if len(self._groups) >= self._CACHED_GROUPS:
-        self._groups.pop(next(iter(self._groups)))
-      self._groups[group] = self._file.read_row_group(group, columns=self._columns).to_pylist()
-    return self._groups[group][j - int(self._group_starts[group])]
+    with self._lock:
+      if group not in self._groups:
+        if self._file is None:
+          import pyarrow.parquet as pq
+          self._file = pq.ParquetFile(self.path)
+        if len(self._groups) >= self._CACHED_GROUPS:
+          self._groups.pop(next(iter(self._groups)))
+        self._groups[group] = self._file.read_row_group(
+            group, columns=self._columns).to_pylist()
+      rows = self._groups[group]
+    return rows[j - int(self._group_starts[group])]
 
   def __getstate__(self):
-    return {**self.__dict__, "_file": None, "_groups": {}}
+    # Open files and locks do not pickle into Grain worker processes; each worker makes its own.
+    return {**self.__dict__, "_file": None, "_groups": {}, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
 
 class ArrayRecordFile:

@@ -90,3 +90,16 @@ def test_prepared_token_records(tmp_path):
   source = Source("tok", str(tmp_path / "t.arrayrecord"), format="arrayrecord", field="tokens")
   doc = documents.parse(RecordSource(source)[0], source, "text")
   np.testing.assert_array_equal(doc["tokens"], [5, 6, 7])
+
+
+def test_parquet_rows_read_from_many_threads_at_once(tmp_path):
+  """Grain reads a source from several threads; every thread must get its own rows (before the
+  reader took a lock, concurrent row-group reads of one file crashed the process)."""
+  import concurrent.futures
+  texts = [f"row {i}" for i in range(2000)]
+  pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet", row_group_size=7)
+  source = RecordSource(Source("s", str(tmp_path / "t.parquet"), format="parquet"))
+  order = np.random.default_rng(0).permutation(len(texts)).tolist() * 3
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    rows = list(pool.map(lambda i: source[i]["value"]["text"], order))
+  assert rows == [texts[i] for i in order]
