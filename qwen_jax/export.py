@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from qwen_jax.convert.cli import gin_mesh
+from qwen_jax.convert.cli import run_conversion
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint", None, "model checkpoint or step directory")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "HF checkpoint to create (must not exist)")
@@ -32,19 +32,16 @@ def main(argv) -> int:
     from qwen_jax.checkpoint import model_io
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
-    try:
-        mesh, rules = gin_mesh()
+
+    def convert(mesh, rules):
         # Restored in float32 whatever was stored: the cast to --dtype happens once, on write.
         model = model_io.load_model(_CHECKPOINT_DIR.value, Runtime(param_dtype="float32"),
                                     mesh=mesh, rules=rules)
         hf.save_model(model, _OUTPUT_DIR.value, dtype=_DTYPE.value,
                       max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
                       tokenizer_dir=_TOKENIZER_DIR.value)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {_OUTPUT_DIR.value}")
-    return 0
+
+    return run_conversion(convert, _OUTPUT_DIR.value)
 
 
 if __name__ == "__main__":

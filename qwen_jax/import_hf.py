@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from qwen_jax.convert.cli import gin_mesh
+from qwen_jax.convert.cli import run_conversion
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "directory with config.json and *.safetensors")
 _OUTPUT_DIR = flags.DEFINE_string("output", None, "model checkpoint to create (must not exist)")
@@ -30,17 +30,14 @@ def main(argv) -> int:
     from qwen_jax.checkpoint import model_io
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
-    try:
-        mesh, rules = gin_mesh()
+
+    def convert(mesh, rules):
         model = hf.load_model(_HF_DIR.value, Runtime(param_dtype=_DTYPE.value), mesh=mesh,
                               rules=rules)
         model_io.save_model_checkpoint(_OUTPUT_DIR.value, model_io.model_params(model),
                                        model.config)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {_OUTPUT_DIR.value}")
-    return 0
+
+    return run_conversion(convert, _OUTPUT_DIR.value)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""What the conversion entry points (import_hf, export) share: optional mesh gin files."""
+"""What the conversion entry points (import_hf, export) share: optional mesh gin files, and
+bad input reported as one line."""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
 from absl import flags
 
@@ -26,3 +29,16 @@ def gin_mesh():
             raise FileNotFoundError(f"--gin_file={file}: not found in {os.getcwd()} or {REPO_ROOT}")
     gin.parse_config_files_and_bindings(GIN_FILE.value, GIN_PARAM.value)
     return mesh_lib.make_mesh(), mesh_lib.logical_rules()
+
+
+def run_conversion(convert: Callable, output: str) -> int:
+    """Runs `convert(mesh, rules)` (see `gin_mesh`) for an entry point: bad input (a missing file,
+    a wrong tensor, a bad gin file) is one `error:` line and exit status 1; success says where
+    it wrote."""
+    try:
+        convert(*gin_mesh())
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
