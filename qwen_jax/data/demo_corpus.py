@@ -58,13 +58,14 @@ def _fact_sentences(c: Country) -> list[str]:
           f"The national animal of {c.name} is the {c.animal}."]
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str]:
-  """A question body like '5 + 3' and its answer; subtraction never goes below zero."""
+def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
+  """A question body like '5 + 3', its answer, and the result of the other operation on the
+  same numbers; subtraction never goes below zero."""
   a, b = rng.randrange(6), rng.randrange(6)
   if rng.random() < 0.5:
-    return f"{a} + {b}", str(a + b)
+    return f"{a} + {b}", str(a + b), str(a - b)
   a, b = max(a, b), min(a, b)
-  return f"{a} - {b}", str(a - b)
+  return f"{a} - {b}", str(a - b), str(a + b)
 
 
 def is_held_out(question: str) -> bool:
@@ -86,10 +87,9 @@ def _any_question(rng: random.Random, world: list[Country]) -> tuple[str, str, s
   another attribute of the same country."""
   kind = rng.randrange(4)
   if kind == 0:
-    expr, answer = _arithmetic(rng)
-    a, op, b = expr.split()
-    other = int(a) - int(b) if op == "+" else int(a) + int(b)
-    return f"What is {expr}?", answer, str(other if str(other) != answer else other + 1)
+    expr, answer, other = _arithmetic(rng)
+    # With 0 as the second number both operations agree; then the rejected answer is off by one.
+    return f"What is {expr}?", answer, other if other != answer else str(int(other) + 1)
   c = rng.choice(world)
   attributes = {"capital": c.capital, "color": c.color, "animal": c.animal}
   asked = ("capital", "color", "animal")[kind - 1]
@@ -112,7 +112,7 @@ def pretrain_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
     for _ in range(rng.randint(3, 8)):
       kind = rng.random()
       if kind < 0.3:
-        expr, answer = _arithmetic(rng)
+        expr, answer, _ = _arithmetic(rng)
         lines.append(f"{expr} = {answer}")
       elif kind < 0.65:
         lines.append(rng.choice(_fact_sentences(rng.choice(world))))
@@ -132,7 +132,7 @@ def long_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
       if rng.random() < 0.3:
         parts.append(rng.choice(_fact_sentences(rng.choice(world))))
       else:
-        expr, answer = _arithmetic(rng)
+        expr, answer, _ = _arithmetic(rng)
         parts.append(f"{expr} = {answer}.")
     yield {"text": " ".join(parts)}
 
