@@ -16,18 +16,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import re
 import sys
 import time
 from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from qwen_jax import cli
 from qwen_jax.model.config import QwenConfig, parameter_count
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
@@ -37,8 +36,6 @@ from qwen_jax.train import optimizer as optimizer_lib
 from qwen_jax.train import state as state_lib
 from qwen_jax.train import step as step_lib
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "gin files (model preset, mesh preset, ...)")
-_GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. Runtime.remat_policy='full'")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "slice, e.g. v5e-8, v5p-256, v4-32, v6e-64")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (mesh axis `slice`)")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "tokens per example")
@@ -53,10 +50,20 @@ HBM_BYTES = {
     "TPU v6 lite": 32 * 2**30,
 }
 # Generation -> (libtpu prefix, TensorCores per chip in the public name, standard chip grids).
-_CUBE = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-         256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_PLANE = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-          256: "16x16"}
+_CUBE = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
+_PLANE = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 GENERATIONS = {
     "v4": ("v4", 2, _CUBE),
     "v5p": ("v5p", 2, _CUBE),
@@ -77,13 +84,17 @@ def libtpu_topology(name: str) -> str:
         return name
     generation, _, count = name.partition("-")
     if generation not in GENERATIONS or not count.isdigit():
-        raise ValueError(f"--topology={name!r}: expected <generation>-<size> with generation in "
-                         f"{sorted(GENERATIONS)} (e.g. v5p-256), or a libtpu name like v5p:4x4x8")
+        raise ValueError(
+            f"--topology={name!r}: expected <generation>-<size> with generation in "
+            f"{sorted(GENERATIONS)} (e.g. v5p-256), or a libtpu name like v5p:4x4x8"
+        )
     prefix, per_chip, grids = GENERATIONS[generation]
     chips = int(count) // per_chip
     if int(count) % per_chip or chips not in grids:
-        raise ValueError(f"--topology={name!r}: not a standard slice; choose one of "
-                         f"{standard_slices(generation)}")
+        raise ValueError(
+            f"--topology={name!r}: not a standard slice; choose one of "
+            f"{standard_slices(generation)}"
+        )
     return f"{prefix}:{grids[chips]}"
 
 
@@ -91,9 +102,12 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     try:
         import libtpu  # noqa: F401  (the TPU compiler; `pip install .[tpu]`)
     except ImportError as error:
-        raise SystemExit("qwen_jax.aot needs libtpu to compile for TPU without a TPU: "
-                         "pip install 'qwen_jax[tpu]' (or pip install libtpu)") from error
+        raise SystemExit(
+            "qwen_jax.aot needs libtpu to compile for TPU without a TPU: "
+            "pip install 'qwen_jax[tpu]' (or pip install libtpu)"
+        ) from error
     from jax.experimental import topologies
+
     # Compile-only use touches no TPU, so several compiling processes may share the host
     # (otherwise the second one fails on libtpu's lockfile).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -110,13 +124,24 @@ def model_flops_per_step(config, tokens: int, seq_len: int) -> float:
     n = parameter_count(config)
     if not config.tie_word_embeddings:
         n -= config.vocab_size * config.hidden_size
-    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    attention = (
+        6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    )
     return float((6 * n + attention) * tokens)
 
 
-def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices: int = 1,
-                   microbatches: int = 1, config=None, runtime=None, mesh_config=None,
-                   rules=None) -> dict[str, Any]:
+def compile_report(
+    *,
+    topology: str,
+    seq_len: int,
+    global_batch: int,
+    num_slices: int = 1,
+    microbatches: int = 1,
+    config=None,
+    runtime=None,
+    mesh_config=None,
+    rules=None,
+) -> dict[str, Any]:
     """Compiles the train step for `topology` and returns the report (gin supplies what is None)."""
     config = config or QwenConfig()
     runtime = runtime or Runtime()
@@ -129,27 +154,49 @@ def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices
     optimizer, schedule = optimizer_lib.make_optimizer(optimizer_lib.constant(1e-4))
 
     state, graphdef, shardings = state_lib.abstract_train_state(
-        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)), optimizer, mesh, rules)
+        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)), optimizer, mesh, rules
+    )
     batch_sharding = mesh_lib.batch_sharding(mesh, rules, global_batch, seq_len)
-    batch = {name: jax.ShapeDtypeStruct((global_batch, seq_len), dtype, sharding=batch_sharding)
-             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
-                                 ("loss_mask", jnp.float32), ("segment_ids", jnp.int32),
-                                 ("positions", jnp.int32))}
+    batch = {
+        name: jax.ShapeDtypeStruct((global_batch, seq_len), dtype, sharding=batch_sharding)
+        for name, dtype in (
+            ("inputs", jnp.int32),
+            ("targets", jnp.int32),
+            ("loss_mask", jnp.float32),
+            ("segment_ids", jnp.int32),
+            ("positions", jnp.int32),
+        )
+    }
     step = step_lib.make_train_step(
-        graphdef, step_lib.lm_loss_fn, optimizer, mesh=mesh, rules=rules,
-        state_shardings=shardings, batch_shardings={k: batch_sharding for k in batch},
-        schedule=schedule, microbatches=microbatches)
+        graphdef,
+        step_lib.lm_loss_fn,
+        optimizer,
+        mesh=mesh,
+        rules=rules,
+        state_shardings=shardings,
+        batch_shardings={k: batch_sharding for k in batch},
+        schedule=schedule,
+        microbatches=microbatches,
+    )
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lower_seconds = time.perf_counter() - start
     hbm = HBM_BYTES[devices[0].device_kind]
     summary = {
-        "topology": topology, "num_slices": num_slices, "device_kind": devices[0].device_kind,
-        "num_devices": len(devices), "mesh": dict(mesh.shape),
-        "parameters": parameter_count(config), "seq_len": seq_len, "global_batch": global_batch,
-        "microbatches": microbatches, "tokens_per_step": global_batch * seq_len,
-        "remat_policy": runtime.remat_policy, "attention_impl": runtime.attention_impl,
-        "compute_dtype": runtime.dtype, "param_dtype": runtime.param_dtype,
+        "topology": topology,
+        "num_slices": num_slices,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "parameters": parameter_count(config),
+        "seq_len": seq_len,
+        "global_batch": global_batch,
+        "microbatches": microbatches,
+        "tokens_per_step": global_batch * seq_len,
+        "remat_policy": runtime.remat_policy,
+        "attention_impl": runtime.attention_impl,
+        "compute_dtype": runtime.dtype,
+        "param_dtype": runtime.param_dtype,
         "hbm_per_chip_bytes": hbm,
         "model_flops_per_step": model_flops_per_step(config, global_batch * seq_len, seq_len),
     }
@@ -160,14 +207,21 @@ def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         needed = re.search(r"temporaries \(([\d.]+)G\)", str(error))
-        return {**summary, "fits": False,
-                "temp_bytes": int(float(needed.group(1)) * 2**30) if needed else None,
-                "compile_error": str(error).splitlines()[0][:300]}
+        return {
+            **summary,
+            "fits": False,
+            "temp_bytes": int(float(needed.group(1)) * 2**30) if needed else None,
+            "compile_error": str(error).splitlines()[0][:300],
+        }
     compile_seconds = time.perf_counter() - start - lower_seconds
 
     memory = compiled.memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # cost_analysis describes the partitioned program that one chip runs.
@@ -184,35 +238,43 @@ def compile_report(*, topology: str, seq_len: int, global_batch: int, num_slices
         "compiled_flops_per_step": compiled_flops,
         "compiled_over_model_flops": compiled_flops / model_flops if model_flops else math.nan,
         "compiled_flops_note": "XLA cost_analysis x chips; it counts each while-loop body (the "
-                               "layer scan, the loss-chunk scan) once, so it is a lower bound",
+        "layer scan, the loss-chunk scan) once, so it is a lower bound",
         "lower_seconds": round(lower_seconds, 1),
         "compile_seconds": round(compile_seconds, 1),
     }
 
 
+# A training run's defaults, which the user's files and bindings override: bf16 compute over fp32
+# master weights, full rematerialization, the shipped rules table.
+DEFAULTS = (
+    "layers.Runtime.dtype = 'bfloat16'",
+    "layers.Runtime.remat_policy = 'full'",
+    "include 'configs/mesh/rules.gin'",
+)
+
+
 def parse_gin(files, params, defaults=()) -> None:
-    """Defaults first (a training run computes in bf16 over fp32 master weights), then the
-    user's files and bindings, which override them."""
-    gin.add_config_file_search_path(str(pathlib.Path(__file__).resolve().parents[1]))
-    gin.parse_config(["layers.Runtime.dtype = 'bfloat16'", "layers.Runtime.remat_policy = 'full'",
-                      "include 'configs/mesh/rules.gin'", *defaults])
-    gin.parse_config_files_and_bindings(files, params)
+    cli.parse_gin(files, params, defaults=[*DEFAULTS, *defaults])
 
 
-def main(argv) -> None:
+def main(argv) -> int:
     del argv
     if not _TOPOLOGY.value or not _GLOBAL_BATCH.value:
         raise app.UsageError("--topology and --global_batch are required")
-    try:
-        parse_gin(_GIN_FILE.value, _GIN_PARAM.value)
-        report = compile_report(topology=_TOPOLOGY.value, seq_len=_SEQ_LEN.value,
-                                global_batch=_GLOBAL_BATCH.value, num_slices=_NUM_SLICES.value,
-                                microbatches=_MICROBATCHES.value)
-    except ValueError as error:
-        print(f"qwen_jax.aot: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(report))
+
+    def work():
+        parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
+        report = compile_report(
+            topology=_TOPOLOGY.value,
+            seq_len=_SEQ_LEN.value,
+            global_batch=_GLOBAL_BATCH.value,
+            num_slices=_NUM_SLICES.value,
+            microbatches=_MICROBATCHES.value,
+        )
+        print(json.dumps(report))
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -44,10 +44,14 @@ def _try(size: str, seq_len: int, topology: str) -> dict:
     data_shards = chips // SEQUENCE_SHARDS if long else chips
     batch = data_shards * max(1, TOKENS_PER_DATA_SHARD // seq_len)
     gin.clear_config()
-    aot.parse_gin([str(REPO / "configs/models" / f"qwen2_5_{size}.gin"),
-                   str(REPO / "configs/mesh" / mesh_file)],
-                  [f"layers.Runtime.remat_policy = '{_REMAT.value}'"]
-                  + ([f"mesh.MeshConfig.sequence = {SEQUENCE_SHARDS}"] if long else []))
+    aot.parse_gin(
+        [
+            str(REPO / "configs/models" / f"qwen2_5_{size}.gin"),
+            str(REPO / "configs/mesh" / mesh_file),
+        ],
+        [f"layers.Runtime.remat_policy = '{_REMAT.value}'"]
+        + ([f"mesh.MeshConfig.sequence = {SEQUENCE_SHARDS}"] if long else []),
+    )
     try:
         report = aot.compile_report(topology=topology, seq_len=seq_len, global_batch=batch)
     except ValueError as error:  # the model does not divide this mesh
@@ -60,17 +64,26 @@ def _row(r: dict) -> str:
     if "peak_bytes_per_chip" not in r:
         return f"| {r['size']} | {r.get('seq_len', '')} | none fits | | | | | | |"
     mesh = "×".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-    return (f"| {r['size']} | {r['seq_len']} | {r['topology']} | {mesh} | {r['remat_policy']} | "
-            f"{r['global_batch']} | {r['peak_bytes_per_chip'] / 2**30:.1f} / "
-            f"{r['hbm_per_chip_bytes'] / 2**30:.1f} GiB | {r['compiled_flops_per_step']:.3g} | "
-            f"{r['model_flops_per_step']:.3g} |")
+    return (
+        f"| {r['size']} | {r['seq_len']} | {r['topology']} | {mesh} | {r['remat_policy']} | "
+        f"{r['global_batch']} | {r['peak_bytes_per_chip'] / 2**30:.1f} / "
+        f"{r['hbm_per_chip_bytes'] / 2**30:.1f} GiB | {r['compiled_flops_per_step']:.3g} | "
+        f"{r['model_flops_per_step']:.3g} |"
+    )
 
 
 def main(argv) -> None:
     del argv
     slices = aot.standard_slices(_GENERATION.value)
-    hbm = aot.HBM_BYTES[{"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite",
-                         "v5litepod": "TPU v5 lite", "v6e": "TPU v6 lite"}[_GENERATION.value]]
+    hbm = aot.HBM_BYTES[
+        {
+            "v4": "TPU v4",
+            "v5p": "TPU v5",
+            "v5e": "TPU v5 lite",
+            "v5litepod": "TPU v5 lite",
+            "v6e": "TPU v6 lite",
+        }[_GENERATION.value]
+    ]
     rows = []
     for size in _SIZES.value:
         gin.clear_config()
@@ -88,8 +101,10 @@ def main(argv) -> None:
                     found = report
                     break
             rows.append(found)
-    print("| size | seq | smallest slice | mesh | remat | batch | peak / HBM per chip | "
-          "compiled FLOPs (XLA cost analysis) | model FLOPs |")
+    print(
+        "| size | seq | smallest slice | mesh | remat | batch | peak / HBM per chip | "
+        "compiled FLOPs (XLA cost analysis) | model FLOPs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_row(r))

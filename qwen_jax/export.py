@@ -3,25 +3,30 @@
   python -m qwen_jax.export --checkpoint=workdir/checkpoints/1000 --output_dir=hf_out \
       [--dtype=bfloat16] [--max_shard_gb=5] [--gin_file=configs/mesh/fsdp.gin ...]
 
-The output (config.json, generation_config.json, model-*-of-*.safetensors and their index) loads
-with transformers' `Qwen2ForCausalLM.from_pretrained`. It is staged in a temporary directory and
-renamed into place when complete. Export runs as one process; with mesh gin files the parameters
-are spread over its local devices and gathered one layer at a time.
+The output (config.json, generation_config.json, model-*-of-*.safetensors and their index, and
+the tokenizer files) loads with transformers' `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained`. The tokenizer is the one that travels with the checkpoint (see
+`qwen_jax.checkpoint.model_io.tokenizer_dir`) unless --tokenizer_dir names another. It is staged
+in a temporary directory and renamed into place when complete. Export runs as one process; with
+mesh gin files the parameters are spread over its local devices and gathered one layer at a time.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from qwen_jax.convert.cli import run_conversion
+from qwen_jax import cli
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint", None, "model checkpoint or step directory")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "HF checkpoint to create (must not exist)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "stored tensor dtype")
-_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None,
-                                     "directory whose tokenizer files are copied into the export")
+_TOKENIZER_DIR = flags.DEFINE_string(
+    "tokenizer_dir",
+    None,
+    "directory whose tokenizer files are copied into the export (default: the checkpoint's own)",
+)
 _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors file, in GiB")
 flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
@@ -33,15 +38,28 @@ def main(argv) -> int:
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
 
-    def convert(mesh, rules):
+    def convert():
+        mesh, rules = cli.mesh_from_flags()
         # Restored in float32 whatever was stored: the cast to --dtype happens once, on write.
-        model = model_io.load_model(_CHECKPOINT_DIR.value, Runtime(param_dtype="float32"),
-                                    mesh=mesh, rules=rules)
-        hf.save_model(model, _OUTPUT_DIR.value, dtype=_DTYPE.value,
-                      max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
-                      tokenizer_dir=_TOKENIZER_DIR.value)
+        model = model_io.load_model(
+            _CHECKPOINT_DIR.value, Runtime(param_dtype="float32"), mesh=mesh, rules=rules
+        )
+        tokenizer_dir = _TOKENIZER_DIR.value or model_io.tokenizer_dir(_CHECKPOINT_DIR.value)
+        if tokenizer_dir is None:
+            logging.warning(
+                "%s carries no tokenizer and --tokenizer_dir is not set: the export has none",
+                _CHECKPOINT_DIR.value,
+            )
+        hf.save_model(
+            model,
+            _OUTPUT_DIR.value,
+            dtype=_DTYPE.value,
+            max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
+            tokenizer_dir=tokenizer_dir,
+        )
+        print(f"wrote {_OUTPUT_DIR.value}")
 
-    return run_conversion(convert, _OUTPUT_DIR.value)
+    return cli.run(convert)
 
 
 if __name__ == "__main__":

@@ -12,32 +12,29 @@ allocated), and the program fails if they differ.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
-import gin
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from qwen_jax import cli
 from qwen_jax.model.config import QwenConfig, parameter_count
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "gin files: a model preset, overlays")
-_GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "gin bindings applied after the files")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "sequence length for the KV-cache figure")
 _TENSORS = flags.DEFINE_boolean("tensors", False, "also list every parameter tensor")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bytes per parameter of mixed-precision AdamW training: float32 master weights, two float32
 # moments and a gradient in the parameter dtype.
 _ADAM_STATE_BYTES = 4 + 4 + 4
 
 
-def describe(config: QwenConfig, runtime: Runtime, seq_len: int, tensors: bool = False
-             ) -> dict[str, Any]:
+def describe(
+    config: QwenConfig, runtime: Runtime, seq_len: int, tensors: bool = False
+) -> dict[str, Any]:
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     counted = sum(int(np.prod(v.get_value().shape)) for _, v in flat)
@@ -48,8 +45,9 @@ def describe(config: QwenConfig, runtime: Runtime, seq_len: int, tensors: bool =
     embeddings = embedding * (1 if config.tie_word_embeddings else 2)
     param_bytes = np.dtype(runtime.param_dtype).itemsize
     compute_bytes = np.dtype(runtime.dtype).itemsize
-    kv_per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-                    * compute_bytes)
+    kv_per_token = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * compute_bytes
+    )
     info: dict[str, Any] = {
         "config": config.to_hf_config(),
         "runtime": {"dtype": runtime.dtype, "param_dtype": runtime.param_dtype},
@@ -57,7 +55,7 @@ def describe(config: QwenConfig, runtime: Runtime, seq_len: int, tensors: bool =
         "embedding_parameters": embeddings,
         "non_embedding_parameters": counted - embeddings,
         "parameters_per_layer": (counted - embeddings - config.hidden_size)
-                                // config.num_hidden_layers,
+        // config.num_hidden_layers,
         "parameter_bytes": counted * param_bytes,
         "adamw_training_state_bytes": counted * (_ADAM_STATE_BYTES + param_bytes),
         "kv_cache_bytes_per_token": kv_per_token,
@@ -66,29 +64,26 @@ def describe(config: QwenConfig, runtime: Runtime, seq_len: int, tensors: bool =
     }
     if tensors:
         info["tensors"] = {
-            ".".join(map(str, path)): {"shape": list(v.get_value().shape),
-                                       "logical_axes": list(v.get_metadata()["out_sharding"])}
-            for path, v in flat}
+            ".".join(map(str, path)): {
+                "shape": list(v.get_value().shape),
+                "logical_axes": list(v.get_metadata()["out_sharding"]),
+            }
+            for path, v in flat
+        }
     return info
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    gin.add_config_file_search_path(os.getcwd())
-    gin.add_config_file_search_path(REPO_ROOT)
-    try:
-        for file in _GIN_FILE.value:
-            if not any(os.path.exists(os.path.join(root, file)) for root in (os.getcwd(), REPO_ROOT)):
-                raise FileNotFoundError(f"--gin_file={file}: not found in {os.getcwd()} or {REPO_ROOT}")
-        gin.parse_config_files_and_bindings(_GIN_FILE.value, _GIN_PARAM.value)
+
+    def work():
+        cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
+        # Without a model preset, QwenConfig's required values are unbound: one error line.
         info = describe(QwenConfig(), Runtime(), _SEQ_LEN.value, _TENSORS.value)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        # gin reports unbound required values (no model preset given) as a RuntimeError.
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(info, indent=2))
-    return 0
+        print(json.dumps(info, indent=2))
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+import readme_commands as readme
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "train"))
 import train_runs as runs  # noqa: E402
@@ -30,20 +31,29 @@ def _losses(run_dir, label=None):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The README's demo command, shortened by configs/demo/ci.gin; QWEN_JAX_DEMO_SEED runs it
+    with another seed (the thresholds below hold for seeds 0, 1 and 2)."""
     workdir = tmp_path_factory.mktemp("demo")
-    result = subprocess.run(
-        [sys.executable, "-m", "qwen_jax.train.demo", f"--workdir={workdir}",
-         "--gin_file=configs/demo/ci.gin"],
-        cwd=runs.REPO_ROOT, env=runs.env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-5000:]
+    seed = os.environ.get("QWEN_JAX_DEMO_SEED", "0")
+    result = readme.run(
+        readme.command("JAX_PLATFORMS=cpu python -m qwen_jax.train.demo"),
+        runs.REPO_ROOT,
+        f"--workdir={workdir}",
+        f"--seed={seed}",
+        "--gin_file=configs/demo/ci.gin",
+    )
     return workdir, result.stdout
 
 
 def test_demo_loss_falls_in_every_stage(demo):
     workdir, stdout = demo
     assert "SFT exact match" in stdout
-    for run_dir, label in [("pretrain", "stage=stage1_short"), ("pretrain", "stage=stage2_long"),
-                           ("sft", None), ("dpo", None)]:
+    for run_dir, label in [
+        ("pretrain", "stage=stage1_short"),
+        ("pretrain", "stage=stage2_long"),
+        ("sft", None),
+        ("dpo", None),
+    ]:
         losses = _losses(workdir / run_dir, label)
         assert len(losses) >= 2, (run_dir, label)
         assert losses[-1] < losses[0], (run_dir, label, losses)
@@ -52,13 +62,25 @@ def test_demo_loss_falls_in_every_stage(demo):
     assert sft_after < sft_before
 
 
-def test_demo_dpo_preference_accuracy_rises_above_0_8(demo):
+# The CI demo's held-out figures on seeds 0, 1, 2 (docs/results.md, "The demo"), worst first:
+#   SFT exact match 0 -> 0.30 / 0.42 / 0.48; DPO preference accuracy 0.48 -> 0.98, 0.48 -> 0.98,
+#   0.43 -> 0.99; greedy == chosen 0 -> 0.21 / 0.51 / 0.56; rewards/accuracies 0.88 / 0.90 / 0.95.
+# Each threshold sits well below the worst seed, so another CPU's rounding cannot fail it.
+def test_demo_figures_rise_on_held_out_data(demo):
     workdir, _ = demo
     results = json.loads((workdir / "demo_results.json").read_text())
-    # On held-out pairs. TRL's rewards/accuracies compares with the reference: 0 at the start
-    # by definition (every reward is 0 and a tie is no win).
+    before, after = results["sft_exact_match"]
+    assert before == 0.0 and after >= 0.15, (before, after)
+    before, after = results["dpo_preference_accuracy"]
+    assert after >= 0.8 and after - before >= 0.3, (before, after)
+    before, after = results["dpo_greedy_chosen_rate"]
+    assert before == 0.0 and after >= 0.1, (before, after)
+    # TRL's rewards/accuracies compares with the reference: 0 at the start by definition (every
+    # reward is 0 and a tie is no win).
     before, after = results["dpo_rewards_accuracies"]
-    assert before == 0.0 and after > 0.8, (before, after)
+    assert before == 0.0 and after >= 0.7, (before, after)
+    before, after = results["pretrain_eval_loss"]
+    assert after < 0.25 * before, (before, after)
 
 
 def test_demo_export_loads_in_transformers_with_the_same_greedy_output(demo):
@@ -67,16 +89,18 @@ def test_demo_export_loads_in_transformers_with_the_same_greedy_output(demo):
     from qwen_jax.checkpoint import model_io
     from qwen_jax.data.tokenizer import Tokenizer
     from qwen_jax.model.generate import generate
-    from qwen_jax.train.loop import DEMO_TOKENIZER
+    from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH as DEMO_TOKENIZER
 
     workdir, _ = demo
     tokenizer = Tokenizer.from_file(DEMO_TOKENIZER)
     prompt = np.asarray([tokenizer.encode("The capital of")], np.int32)
     steps = runs.checkpoint_steps(workdir / "dpo")
     ours = model_io.load_model(workdir / "dpo" / "checkpoints" / str(steps[-1]))
-    tokens, _ = generate(ours, prompt, np.ones_like(prompt), max_new_tokens=12,
-                         stop_tokens=(10_000,))  # an id outside the vocab: never stops early
+    tokens, _ = generate(
+        ours, prompt, np.ones_like(prompt), max_new_tokens=12, stop_tokens=(10_000,)
+    )  # an id outside the vocab: never stops early
     hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32)
-    out = hf.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    assert out[0, prompt.shape[1]:].tolist() == np.asarray(tokens)[0].tolist()
+    out = hf.generate(
+        torch.tensor(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert out[0, prompt.shape[1] :].tolist() == np.asarray(tokens)[0].tolist()

@@ -7,12 +7,19 @@ import re
 import gin
 import pytest
 
-from qwen_jax.train import loop
+from qwen_jax.cli import REPO_ROOT as ROOT
+from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
 
-ROOT = loop.REPO_ROOT
-FILES = sorted(os.path.relpath(p, ROOT) for pattern in (
-    "configs/pretrain/*.gin", "configs/demo/*.gin", "configs/sft.gin", "configs/dpo.gin")
-    for p in glob.glob(os.path.join(ROOT, pattern)))
+FILES = sorted(
+    os.path.relpath(p, ROOT)
+    for pattern in (
+        "configs/pretrain/*.gin",
+        "configs/demo/*.gin",
+        "configs/sft.gin",
+        "configs/dpo.gin",
+    )
+    for p in glob.glob(os.path.join(ROOT, pattern))
+)
 
 
 def test_there_are_configs():
@@ -47,7 +54,7 @@ def test_demo_model_matches_the_demo_tokenizer():
     from qwen_jax.data.tokenizer import Tokenizer
     from qwen_jax.model.config import QwenConfig
 
-    tokenizer = Tokenizer.from_file(loop.DEMO_TOKENIZER)
+    tokenizer = Tokenizer.from_file(DEMO_TOKENIZER_PATH)
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "configs/demo/model.gin")], [])

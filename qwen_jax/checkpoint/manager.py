@@ -22,7 +22,13 @@ import jax
 import orbax.checkpoint as ocp
 
 PARAMS, MODEL_CONFIG, OPT_STATE, FROZEN, TRAIN_META, DATA_STATE = (
-    "params", "model_config", "opt_state", "frozen", "train_meta", "data_state")
+    "params",
+    "model_config",
+    "opt_state",
+    "frozen",
+    "train_meta",
+    "data_state",
+)
 ITEMS = (PARAMS, MODEL_CONFIG, OPT_STATE, FROZEN, TRAIN_META, DATA_STATE)
 
 
@@ -63,7 +69,8 @@ class TrainCheckpointer:
             enable_async_checkpointing=config.async_save,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preservation),
             cleanup_tmp_directories=True,
-            create=True)
+            create=True,
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -72,8 +79,17 @@ class TrainCheckpointer:
     def should_save(self, step: int) -> bool:
         return step % self.config.every_steps == 0
 
-    def save(self, step: int, *, params, opt_state, frozen, model_config: dict, meta: dict,
-             data_state: dict) -> None:
+    def save(
+        self,
+        step: int,
+        *,
+        params,
+        opt_state,
+        frozen,
+        model_config: dict,
+        meta: dict,
+        data_state: dict,
+    ) -> None:
         """Starts a save of `step` (returns before it is written when saves are async)."""
         if step in self._manager.all_steps():
             return
@@ -104,8 +120,12 @@ class TrainCheckpointer:
 
     def read_meta(self, step: int) -> tuple[dict, dict]:
         """(model_config, train_meta) of a step, without touching the arrays."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{MODEL_CONFIG: ocp.args.JsonRestore(), TRAIN_META: ocp.args.JsonRestore()}))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{MODEL_CONFIG: ocp.args.JsonRestore(), TRAIN_META: ocp.args.JsonRestore()}
+            ),
+        )
         return restored[MODEL_CONFIG], restored[TRAIN_META]
 
     def wait(self) -> None:

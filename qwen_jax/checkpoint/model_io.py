@@ -2,15 +2,19 @@
 
 A model checkpoint is an Orbax composite directory with two items:
   params/        the parameters as a pure dict (`nnx.to_pure_dict`), OCDBT + Zarr arrays;
-  model_config/  `QwenConfig.to_hf_config()` as JSON, so the architecture travels with the weights.
+  model_config/  `QwenConfig.to_hf_config()` as JSON, so the architecture travels with the weights;
+  tokenizer/     (when known) the Hugging Face tokenizer files, chat template and generation
+                 config, so the vocabulary travels with the weights too (`tokenizer_dir`).
 A step directory of `qwen_jax.checkpoint.manager.TrainCheckpointer` holds the same two items
 (plus the optimizer and data state), so anything that reads a model checkpoint also reads a
-training step. Orbax writes into a temporary directory and renames it once complete.
+training step; a step's tokenizer is its run's `<workdir>/tokenizer/`. A model checkpoint is
+written into a staging directory and renamed into place once complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -18,12 +22,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 from qwen_jax.parallel.logical import LogicalRules, logical_to_spec
 
 PARAMS, MODEL_CONFIG = "params", "model_config"  # the item names TrainCheckpointer uses too
+TOKENIZER = "tokenizer"  # beside the items of a model checkpoint, or in a training run's workdir
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -34,39 +40,89 @@ def _check_directory(directory: str) -> str:
     directory = os.path.abspath(os.fspath(directory))
     for item in (PARAMS, MODEL_CONFIG):
         if not os.path.isdir(os.path.join(directory, item)):
-            raise FileNotFoundError(f"{directory}: no '{item}' item; not a model checkpoint "
-                                    f"(import_hf's output or a training step directory)")
+            raise FileNotFoundError(
+                f"{directory}: no '{item}' item; not a model checkpoint "
+                f"(import_hf's output or a training step directory)"
+            )
     return directory
 
 
-def save_model_checkpoint(directory: str | os.PathLike, params: Any, config: QwenConfig) -> None:
-    """Writes `params` (a pure dict, possibly sharded across processes) and `config`."""
+def save_model_checkpoint(
+    directory: str | os.PathLike,
+    params: Any,
+    config: QwenConfig,
+    tokenizer_from: str | os.PathLike | None = None,
+) -> None:
+    """Writes `params` (a pure dict, possibly sharded across processes), `config` and the
+    tokenizer files found in the directory `tokenizer_from`; all or nothing."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory):
         raise FileExistsError(f"{directory}: already exists; refusing to overwrite")
-    checkpointer = _checkpointer()
-    checkpointer.save(directory, args=ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(params),
-        MODEL_CONFIG: ocp.args.JsonSave(config.to_hf_config())}))
+    staging = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.partial")
+    if jax.process_index() == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
+    try:
+        _checkpointer().save(
+            staging,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardSave(params),
+                    MODEL_CONFIG: ocp.args.JsonSave(config.to_hf_config()),
+                }
+            ),
+        )
+        if jax.process_index() == 0:
+            if tokenizer_from is not None:
+                tokenizer_lib.copy_files(
+                    os.fspath(tokenizer_from), os.path.join(staging, TOKENIZER)
+                )
+            os.rename(staging, directory)
+    except BaseException:
+        if jax.process_index() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("save_model_checkpoint")
+
+
+def tokenizer_dir(directory: str | os.PathLike) -> str | None:
+    """The tokenizer that travels with a model checkpoint: its own `tokenizer/`, or for a
+    training step (`<workdir>/checkpoints/<step>`) its run's `<workdir>/tokenizer/`; None when
+    there is none."""
+    directory = os.path.abspath(os.fspath(directory))
+    candidates = [os.path.join(directory, TOKENIZER)]
+    parent = os.path.dirname(directory)
+    if os.path.basename(parent) == "checkpoints":
+        candidates.append(os.path.join(os.path.dirname(parent), TOKENIZER))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, tokenizer_lib.TOKENIZER_JSON)):
+            return candidate
+    return None
 
 
 def read_model_config(directory: str | os.PathLike) -> QwenConfig:
     directory = _check_directory(directory)
-    restored = _checkpointer().restore(directory, args=ocp.args.Composite(
-        **{MODEL_CONFIG: ocp.args.JsonRestore()}))
-    return QwenConfig.from_hf_config(restored[MODEL_CONFIG],
-                                     source=os.path.join(directory, MODEL_CONFIG))
+    restored = _checkpointer().restore(
+        directory, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
+    )
+    return QwenConfig.from_hf_config(
+        restored[MODEL_CONFIG], source=os.path.join(directory, MODEL_CONFIG)
+    )
 
 
 def abstract_params(config: QwenConfig, runtime: Runtime = Runtime()) -> tuple[Any, Any]:
     """(graphdef, pure dict of ShapeDtypeStructs) of the model's parameters; nothing allocated."""
     graphdef, state = nnx.split(
-        nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))), nnx.Param)
+        nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))), nnx.Param
+    )
     return graphdef, state
 
 
-def load_model_checkpoint(directory: str | os.PathLike, shardings: Any = None,
-                          dtype: str | None = None) -> tuple[QwenConfig, Any]:
+def load_model_checkpoint(
+    directory: str | os.PathLike, shardings: Any = None, dtype: str | None = None
+) -> tuple[QwenConfig, Any]:
     """(config, params as a pure dict) restored with `shardings` (a matching pure dict of
     shardings; default: the first device) in `dtype` (default: gin's `Runtime.param_dtype`).
 
@@ -81,22 +137,31 @@ def load_model_checkpoint(directory: str | os.PathLike, shardings: Any = None,
         device = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
     try:
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes, shardings)
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+        )
     except ValueError as e:
-        raise ValueError(f"{directory}: the given shardings do not match the parameters of "
-                         f"{config}: {e}") from None
+        raise ValueError(
+            f"{directory}: the given shardings do not match the parameters of {config}: {e}"
+        ) from None
     try:
-        restored = _checkpointer().restore(directory, args=ocp.args.Composite(
-            **{PARAMS: ocp.args.StandardRestore(target)}))
+        restored = _checkpointer().restore(
+            directory, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
+        )
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{directory}/{PARAMS}: does not match the architecture in its "
-                         f"{MODEL_CONFIG}: {e}") from None
+        raise ValueError(
+            f"{directory}/{PARAMS}: does not match the architecture in its {MODEL_CONFIG}: {e}"
+        ) from None
     return config, restored[PARAMS]
 
 
-def load_model(directory: str | os.PathLike, runtime: Runtime = Runtime(), *,
-               mesh: Mesh | None = None, rules: LogicalRules | None = None) -> Qwen2ForCausalLM:
+def load_model(
+    directory: str | os.PathLike,
+    runtime: Runtime = Runtime(),
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalRules | None = None,
+) -> Qwen2ForCausalLM:
     """The model of a checkpoint, parameters in `runtime.param_dtype`, sharded when given a
     mesh and logical rules."""
     directory = os.fspath(directory)
@@ -108,7 +173,9 @@ def load_model(directory: str | os.PathLike, runtime: Runtime = Runtime(), *,
             raise ValueError("load_model: a mesh needs its logical rules")
         shardings = jax.tree.map(
             lambda v: NamedSharding(mesh, logical_to_spec(v.get_metadata()["out_sharding"], rules)),
-            state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
         shardings = nnx.to_pure_dict(shardings)
     _, params = load_model_checkpoint(directory, shardings, runtime.param_dtype)
     nnx.replace_by_pure_dict(state, params)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, Sharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
@@ -62,19 +63,36 @@ def _rules(config: QwenConfig) -> list[_Rule]:
         _Rule(("embed_tokens", "embedding"), "model.embed_tokens.weight", "copy"),
         _Rule(("norm", "scale"), "model.norm.weight", "copy"),
         _Rule(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", "copy"),
-        _Rule(("layers", "post_attention_layernorm", "scale"),
-              layer + "post_attention_layernorm.weight", "copy"),
-        _Rule(("layers", "self_attn", "o_proj", "kernel"), layer + "self_attn.o_proj.weight",
-              "heads_out"),
+        _Rule(
+            ("layers", "post_attention_layernorm", "scale"),
+            layer + "post_attention_layernorm.weight",
+            "copy",
+        ),
+        _Rule(
+            ("layers", "self_attn", "o_proj", "kernel"),
+            layer + "self_attn.o_proj.weight",
+            "heads_out",
+        ),
     ]
     for proj in ("q_proj", "k_proj", "v_proj"):
-        rules.append(_Rule(("layers", "self_attn", proj, "kernel"),
-                           layer + f"self_attn.{proj}.weight", "heads_in"))
-        rules.append(_Rule(("layers", "self_attn", proj, "bias"),
-                           layer + f"self_attn.{proj}.bias", "heads_bias"))
+        rules.append(
+            _Rule(
+                ("layers", "self_attn", proj, "kernel"),
+                layer + f"self_attn.{proj}.weight",
+                "heads_in",
+            )
+        )
+        rules.append(
+            _Rule(
+                ("layers", "self_attn", proj, "bias"),
+                layer + f"self_attn.{proj}.bias",
+                "heads_bias",
+            )
+        )
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        rules.append(_Rule(("layers", "mlp", proj, "kernel"), layer + f"mlp.{proj}.weight",
-                           "transpose"))
+        rules.append(
+            _Rule(("layers", "mlp", proj, "kernel"), layer + f"mlp.{proj}.weight", "transpose")
+        )
     if not config.tie_word_embeddings:
         rules.append(_Rule(("lm_head", "kernel"), "lm_head.weight", "transpose"))
     return rules
@@ -128,11 +146,11 @@ def _read_slice(kind: str, tensor, index: tuple[slice, ...], head_dim: int) -> n
         return block.reshape(block.shape[0], -1, head_dim)[:, :, dims]
     if kind == "heads_bias":
         heads, dims = index
-        block = tensor[heads.start * head_dim:heads.stop * head_dim]
+        block = tensor[heads.start * head_dim : heads.stop * head_dim]
         return block.reshape(-1, head_dim)[:, dims]
     if kind == "heads_out":
         heads, dims, embed = index
-        block = tensor[embed, heads.start * head_dim:heads.stop * head_dim].T
+        block = tensor[embed, heads.start * head_dim : heads.stop * head_dim].T
         return block.reshape(-1, head_dim, block.shape[-1])[:, dims, :]
     raise AssertionError(kind)
 
@@ -165,12 +183,15 @@ class HFCheckpoint:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no 'weight_map' object")
         elif os.path.exists(os.path.join(self.directory, SINGLE_FILE)):
-            weight_map = {name: SINGLE_FILE
-                          for name in _open_safetensors(os.path.join(self.directory, SINGLE_FILE)).keys()}
+            weight_map = {
+                name: SINGLE_FILE
+                for name in _open_safetensors(os.path.join(self.directory, SINGLE_FILE)).keys()
+            }
         else:
             raise FileNotFoundError(f"{self.directory}: neither {INDEX_FILE} nor {SINGLE_FILE}")
         self.weight_map: dict[str, str] = {
-            name: file for name, file in weight_map.items() if not name.endswith(_IGNORED_SUFFIXES)}
+            name: file for name, file in weight_map.items() if not name.endswith(_IGNORED_SUFFIXES)
+        }
         self._handles: dict[str, object] = {}
 
     def _file(self, name: str):
@@ -194,20 +215,29 @@ class HFCheckpoint:
                 expected[rule.hf_name.format(i=i)] = _hf_shape(rule.kind, shape)
         missing = sorted(set(expected) - set(self.weight_map))
         if missing:
-            raise ValueError(f"{self.directory}: missing tensors {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+            raise ValueError(
+                f"{self.directory}: missing tensors {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+            )
         # Tied checkpoints sometimes also store lm_head.weight (a copy of the embedding); it is
         # redundant, not wrong.
-        unused = sorted(set(self.weight_map) - set(expected) -
-                        ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        unused = sorted(
+            set(self.weight_map)
+            - set(expected)
+            - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+        )
         if unused:
-            raise ValueError(f"{self.directory}: tensors with no place in Qwen2ForCausalLM: "
-                             f"{unused[:5]} ({len(unused)} in all)")
+            raise ValueError(
+                f"{self.directory}: tensors with no place in Qwen2ForCausalLM: "
+                f"{unused[:5]} ({len(unused)} in all)"
+            )
         for name, shape in expected.items():
             actual = tuple(self.tensor(name).get_shape())
             if actual != shape:
-                raise ValueError(f"{os.path.join(self.directory, self.weight_map[name])}: tensor "
-                                 f"{name!r} has shape {actual}, config.json implies {shape}")
+                raise ValueError(
+                    f"{os.path.join(self.directory, self.weight_map[name])}: tensor "
+                    f"{name!r} has shape {actual}, config.json implies {shape}"
+                )
 
 
 def _rule_shapes(config: QwenConfig) -> Iterator[tuple[_Rule, tuple[int, ...]]]:
@@ -224,9 +254,14 @@ def _abstract_params(config: QwenConfig, runtime: Runtime):
         yield path, variable.get_value()
 
 
-def load_model(directory: str | os.PathLike, runtime: Runtime = Runtime(), *,
-               mesh: Mesh | None = None, rules: LogicalRules | None = None,
-               config: QwenConfig | None = None) -> Qwen2ForCausalLM:
+def load_model(
+    directory: str | os.PathLike,
+    runtime: Runtime = Runtime(),
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalRules | None = None,
+    config: QwenConfig | None = None,
+) -> Qwen2ForCausalLM:
     """Builds `Qwen2ForCausalLM` from an HF checkpoint, parameters in `runtime.param_dtype`.
 
     With `mesh` and `rules`, every parameter is created sharded by its logical names; each process
@@ -235,8 +270,10 @@ def load_model(directory: str | os.PathLike, runtime: Runtime = Runtime(), *,
     """
     checkpoint = HFCheckpoint(directory)
     if config is not None and config != checkpoint.config:
-        raise ValueError(f"{checkpoint.directory}/config.json describes {checkpoint.config}, "
-                         f"which differs from the requested {config}")
+        raise ValueError(
+            f"{checkpoint.directory}/config.json describes {checkpoint.config}, "
+            f"which differs from the requested {config}"
+        )
     config = checkpoint.config
     checkpoint.validate(config)
     if (mesh is None) != (rules is None):
@@ -252,30 +289,54 @@ def load_model(directory: str | os.PathLike, runtime: Runtime = Runtime(), *,
         if mesh is None:
             sharding: Sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         else:
-            sharding = NamedSharding(mesh, logical_to_spec(variable.get_metadata()["out_sharding"],
-                                                           rules))
-        variable.set_value(_load_array(checkpoint, rule, target.shape, dtype, sharding,
-                                       config.head_dim, config.num_hidden_layers))
+            sharding = NamedSharding(
+                mesh, logical_to_spec(variable.get_metadata()["out_sharding"], rules)
+            )
+        variable.set_value(
+            _load_array(
+                checkpoint,
+                rule,
+                target.shape,
+                dtype,
+                sharding,
+                config.head_dim,
+                config.num_hidden_layers,
+            )
+        )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _load_array(checkpoint: HFCheckpoint, rule: _Rule, shape, dtype, sharding: Sharding,
-                head_dim: int, num_layers: int) -> jax.Array:
+def _load_array(
+    checkpoint: HFCheckpoint,
+    rule: _Rule,
+    shape,
+    dtype,
+    sharding: Sharding,
+    head_dim: int,
+    num_layers: int,
+) -> jax.Array:
     def block(index: tuple[slice, ...]) -> np.ndarray:
         index = _bounded(index, shape)
         if not rule.per_layer:
-            return _read_slice(rule.kind, checkpoint.tensor(rule.hf_name), index,
-                               head_dim).astype(dtype)
+            return _read_slice(rule.kind, checkpoint.tensor(rule.hf_name), index, head_dim).astype(
+                dtype
+            )
         layers = range(num_layers)[index[0]]
-        return np.stack([
-            _read_slice(rule.kind, checkpoint.tensor(rule.hf_name.format(i=i)), index[1:],
-                        head_dim).astype(dtype) for i in layers])
+        return np.stack(
+            [
+                _read_slice(
+                    rule.kind, checkpoint.tensor(rule.hf_name.format(i=i)), index[1:], head_dim
+                ).astype(dtype)
+                for i in layers
+            ]
+        )
 
     return jax.make_array_from_callback(tuple(shape), sharding, block)
 
 
-def hf_tensors(model: Qwen2ForCausalLM, dtype: str | None = None
-               ) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+def hf_tensors(
+    model: Qwen2ForCausalLM, dtype: str | None = None
+) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(HF name, thunk producing the host array) for every tensor, one layer gathered at a time."""
     config = model.config
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -283,37 +344,49 @@ def hf_tensors(model: Qwen2ForCausalLM, dtype: str | None = None
         array = params[rule.path].get_value()
         layers = range(config.num_hidden_layers) if rule.per_layer else [None]
         for i in layers:
+
             def thunk(array=array, i=i, kind=rule.kind):
                 host = np.asarray(jax.device_get(array if i is None else array[i]))
                 host = _to_hf(kind, host)
-                return np.ascontiguousarray(host.astype(_numpy_dtype(dtype) if dtype else host.dtype))
+                return np.ascontiguousarray(
+                    host.astype(_numpy_dtype(dtype) if dtype else host.dtype)
+                )
+
             yield rule.hf_name.format(i=i), thunk
 
 
 QWEN_STOP_IDS = (151_645, 151_643)  # <|im_end|>, <|endoftext|>
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, dtype: str = "bfloat16",
-               max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None,
-               tokenizer_dir: str | os.PathLike | None = None) -> None:
+def save_model(
+    model: Qwen2ForCausalLM,
+    directory: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 5 * 2**30,
+    generation_config: dict | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> None:
     """Writes an HF checkpoint transformers' `from_pretrained` reads; all or nothing.
 
-    `generation_config` entries override the Qwen2.5 defaults (stop at `<|im_end|>` 151645 or
-    `<|endoftext|>` 151643). The tokenizer files found in `tokenizer_dir` are copied along.
+    The tokenizer files found in `tokenizer_dir` are copied along. generation_config.json is the
+    one in `tokenizer_dir` when there is one (an imported checkpoint's own), else stops at the
+    tokenizer's `<|im_end|>` and `<|endoftext|>` (Qwen2.5's 151645 and 151643 without a
+    tokenizer); `generation_config` entries override it.
 
     Files are written into a temporary sibling directory that replaces `directory` only once
     complete, so an interrupted export never leaves a half-written checkpoint behind.
     """
     directory = os.path.abspath(os.fspath(directory))
     if jax.process_count() > 1:
-        raise NotImplementedError("save_model gathers parameters on one host; run the export "
-                                  "as a single process")
+        raise NotImplementedError(
+            "save_model gathers parameters on one host; run the export as a single process"
+        )
     if os.path.exists(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory}: exists and is not empty; refusing to overwrite")
     parent = os.path.dirname(directory)
@@ -339,24 +412,28 @@ def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, dtype: 
         for k, file in names.items():
             os.rename(os.path.join(staging, f"shard-{k}"), os.path.join(staging, file))
         with open(os.path.join(staging, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total},
-                       "weight_map": {n: names[k] for n, k in sorted(weight_map.items())}}, f,
-                      indent=2)
+            json.dump(
+                {
+                    "metadata": {"total_size": total},
+                    "weight_map": {n: names[k] for n, k in sorted(weight_map.items())},
+                },
+                f,
+                indent=2,
+            )
         hf_config = model.config.to_hf_config()
         hf_config["torch_dtype"] = dtype
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        generation = {"bos_token_id": model.config.bos_token_id,
-                      "eos_token_id": list(QWEN_STOP_IDS), **(generation_config or {})}
-        with open(os.path.join(staging, "generation_config.json"), "w") as f:
+        if tokenizer_dir is not None and not tokenizer_lib.copy_files(
+            os.fspath(tokenizer_dir), staging
+        ):
+            raise FileNotFoundError(f"{tokenizer_dir}: none of {tokenizer_lib.FILES}")
+        generation = {
+            **_default_generation_config(model.config, staging),
+            **(generation_config or {}),
+        }
+        with open(os.path.join(staging, GENERATION_CONFIG), "w") as f:
             json.dump(generation, f, indent=2)
-        if tokenizer_dir is not None:
-            copied = [name for name in TOKENIZER_FILES
-                      if os.path.exists(os.path.join(tokenizer_dir, name))]
-            if not copied:
-                raise FileNotFoundError(f"{tokenizer_dir}: none of {TOKENIZER_FILES}")
-            for name in copied:
-                shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(staging, name))
         if os.path.exists(directory):
             os.rmdir(directory)  # empty, checked above
         os.rename(staging, directory)
@@ -365,7 +442,22 @@ def save_model(model: Qwen2ForCausalLM, directory: str | os.PathLike, *, dtype: 
         raise
 
 
+def _default_generation_config(config: QwenConfig, directory: str) -> dict:
+    """generation_config.json found in `directory`, else one stopping at its tokenizer's (or
+    Qwen2.5's) `<|im_end|>` and `<|endoftext|>`."""
+    path = os.path.join(directory, GENERATION_CONFIG)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    stops = list(QWEN_STOP_IDS)
+    if os.path.exists(os.path.join(directory, tokenizer_lib.TOKENIZER_JSON)):
+        tokenizer = tokenizer_lib.Tokenizer.from_file(
+            os.path.join(directory, tokenizer_lib.TOKENIZER_JSON)
+        )
+        stops = [tokenizer.im_end_id, tokenizer.eos_id]
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": stops}
+
+
 def _write_shard(directory: str, number: int, tensors: dict[str, np.ndarray]) -> None:
     # transformers requires the "format" metadata to pick the right loader.
     save_file(tensors, os.path.join(directory, f"shard-{number}"), metadata={"format": "pt"})
-

@@ -15,76 +15,79 @@ from absl import logging
 
 
 class BadRecord(ValueError):
-  """A record that cannot be used; the message is the reason shown in reports."""
+    """A record that cannot be used; the message is the reason shown in reports."""
 
 
 class BadInputError(RuntimeError):
-  """Raised when a source has too many bad records."""
+    """Raised when a source has too many bad records."""
 
 
 @dataclasses.dataclass
 class SourceTally:
-  seen: int = 0
-  bad: int = 0
-  reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  examples: list = dataclasses.field(default_factory=list)  # first few (location, reason)
+    seen: int = 0
+    bad: int = 0
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: list = dataclasses.field(default_factory=list)  # first few (location, reason)
 
-  @property
-  def bad_fraction(self) -> float:
-    return self.bad / self.seen if self.seen else 0.0
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad / self.seen if self.seen else 0.0
 
 
 class BadRecordTracker:
-  """Counts good and bad records per source and enforces each source's threshold.
+    """Counts good and bad records per source and enforces each source's threshold.
 
-  Args:
-    thresholds: source name -> maximum tolerated bad fraction.
-    min_records: the fraction is only judged once a source has this many records, so that one
-      bad line among the first few does not abort a run; `finish()` judges whatever was seen.
-    log_first: how many bad records per source are logged with their location.
-  """
+    Args:
+      thresholds: source name -> maximum tolerated bad fraction.
+      min_records: the fraction is only judged once a source has this many records, so that one
+        bad line among the first few does not abort a run; `finish()` judges whatever was seen.
+      log_first: how many bad records per source are logged with their location.
+    """
 
-  def __init__(self, thresholds: dict[str, float], min_records: int = 1000, log_first: int = 5):
-    self._thresholds = dict(thresholds)
-    self._min_records = min_records
-    self._log_first = log_first
-    self.tallies: dict[str, SourceTally] = collections.defaultdict(SourceTally)
+    def __init__(self, thresholds: dict[str, float], min_records: int = 1000, log_first: int = 5):
+        self._thresholds = dict(thresholds)
+        self._min_records = min_records
+        self._log_first = log_first
+        self.tallies: dict[str, SourceTally] = collections.defaultdict(SourceTally)
 
-  def good(self, source: str, count: int = 1) -> None:
-    self.tallies[source].seen += count
-    self._check(source, final=False)
+    def good(self, source: str, count: int = 1) -> None:
+        self.tallies[source].seen += count
+        self._check(source, final=False)
 
-  def bad(self, source: str, location: str, reason: str) -> None:
-    tally = self.tallies[source]
-    tally.seen += 1
-    tally.bad += 1
-    # Reasons are aggregated by their kind (text before the first ':') so that reports stay short.
-    tally.reasons[reason.split(":")[0]] += 1
-    if len(tally.examples) < self._log_first:
-      tally.examples.append((location, reason))
-      logging.warning("bad record in source %r at %s: %s", source, location, reason)
-    self._check(source, final=False)
+    def bad(self, source: str, location: str, reason: str) -> None:
+        tally = self.tallies[source]
+        tally.seen += 1
+        tally.bad += 1
+        # Reasons are aggregated by their kind (text before the first ':') so that reports stay short.
+        tally.reasons[reason.split(":")[0]] += 1
+        if len(tally.examples) < self._log_first:
+            tally.examples.append((location, reason))
+            logging.warning("bad record in source %r at %s: %s", source, location, reason)
+        self._check(source, final=False)
 
-  def finish(self) -> None:
-    """Judges every source on all it has seen (for finite passes: eval, prepare)."""
-    for source in list(self.tallies):
-      self._check(source, final=True)
+    def finish(self) -> None:
+        """Judges every source on all it has seen (for finite passes: eval, prepare)."""
+        for source in list(self.tallies):
+            self._check(source, final=True)
 
-  def summary(self) -> str:
-    lines = []
-    for source, t in sorted(self.tallies.items()):
-      reasons = ", ".join(f"{r}: {n}" for r, n in t.reasons.most_common()) or "none"
-      lines.append(f"{source}: {t.seen} records, {t.bad} bad ({t.bad_fraction:.2%}); {reasons}")
-    return "\n".join(lines)
+    def summary(self) -> str:
+        lines = []
+        for source, t in sorted(self.tallies.items()):
+            reasons = ", ".join(f"{r}: {n}" for r, n in t.reasons.most_common()) or "none"
+            lines.append(
+                f"{source}: {t.seen} records, {t.bad} bad ({t.bad_fraction:.2%}); {reasons}"
+            )
+        return "\n".join(lines)
 
-  def _check(self, source: str, final: bool) -> None:
-    tally = self.tallies[source]
-    if not final and tally.seen < self._min_records:
-      return
-    limit = self._thresholds.get(source, 0.01)
-    if tally.bad_fraction > limit:
-      where = "; ".join(f"{loc}: {reason}" for loc, reason in tally.examples)
-      raise BadInputError(
-          f"Source {source!r}: {tally.bad} of {tally.seen} records are bad "
-          f"({tally.bad_fraction:.2%} > max_bad_fraction {limit:.2%}). "
-          f"Reasons: {dict(tally.reasons)}. First bad records: {where}")
+    def _check(self, source: str, final: bool) -> None:
+        tally = self.tallies[source]
+        if not final and tally.seen < self._min_records:
+            return
+        limit = self._thresholds.get(source, 0.01)
+        if tally.bad_fraction > limit:
+            where = "; ".join(f"{loc}: {reason}" for loc, reason in tally.examples)
+            raise BadInputError(
+                f"Source {source!r}: {tally.bad} of {tally.seen} records are bad "
+                f"({tally.bad_fraction:.2%} > max_bad_fraction {limit:.2%}). "
+                f"Reasons: {dict(tally.reasons)}. First bad records: {where}"
+            )

@@ -25,14 +25,16 @@ from etils import epath
 
 
 def save_iterator_state(directory: str | os.PathLike, iterator: grain.DatasetIterator) -> None:
-  """Writes this host's iterator state into `directory` (created if needed)."""
-  path = epath.Path(directory)
-  path.mkdir(parents=True, exist_ok=True)
-  grain.checkpoint.CheckpointHandler().save(path, args=grain.checkpoint.CheckpointSave(iterator))
+    """Writes this host's iterator state into `directory` (created if needed)."""
+    path = epath.Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    grain.checkpoint.CheckpointHandler().save(path, args=grain.checkpoint.CheckpointSave(iterator))
 
 
-def restore_iterator_state(directory: str | os.PathLike,
-                           iterator: grain.DatasetIterator) -> grain.DatasetIterator:
-  """Restores this host's state into a freshly built `iterator` (same config) and returns it."""
-  return grain.checkpoint.CheckpointHandler().restore(
-      epath.Path(directory), args=grain.checkpoint.CheckpointRestore(iterator))
+def restore_iterator_state(
+    directory: str | os.PathLike, iterator: grain.DatasetIterator
+) -> grain.DatasetIterator:
+    """Restores this host's state into a freshly built `iterator` (same config) and returns it."""
+    return grain.checkpoint.CheckpointHandler().restore(
+        epath.Path(directory), args=grain.checkpoint.CheckpointRestore(iterator)
+    )

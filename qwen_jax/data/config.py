@@ -18,99 +18,103 @@ FORMATS = ("jsonl", "parquet", "arrayrecord", "seqio")
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One named input source.
+    """One named input source.
 
-  Attributes:
-    name: the name mixtures refer to; also used in bad-record reports.
-    paths: glob patterns (or plain paths); for `format='seqio'` the registered Task or Mixture
-      name (a single string).
-    format: 'jsonl' (plain, .gz or .zst, chosen by file suffix), 'parquet', 'arrayrecord' or
-      'seqio'.
-    field: what to read from each record. A key holding a string (pre-training text, e.g.
-      'text'), a key holding a chat `messages` list (SFT, e.g. 'messages'), three keys joined by
-      '/' for preference pairs (DPO, 'prompt/chosen/rejected'), or 'tokens' for records that
-      already are token ids (ArrayRecord shards written by `qwen_jax.data.prepare`, or a seqio
-      feature of int ids).
-    shuffle_window: None shuffles globally (the default; right for random-access JSONL and
-      ArrayRecord). An int shuffles within windows of that many consecutive records, which keeps
-      reads local (use it for Parquet, where a record read costs a row-group read).
-    max_bad_fraction: the run fails once more than this fraction of this source's records were
-      bad (malformed JSON, non-UTF-8, empty, unknown role, missing field).
-    seqio_split: the split a seqio Task/Mixture is read from.
-  """
+    Attributes:
+      name: the name mixtures refer to; also used in bad-record reports.
+      paths: glob patterns (or plain paths); for `format='seqio'` the registered Task or Mixture
+        name (a single string).
+      format: 'jsonl' (plain, .gz or .zst, chosen by file suffix), 'parquet', 'arrayrecord' or
+        'seqio'.
+      field: what to read from each record. A key holding a string (pre-training text, e.g.
+        'text'), a key holding a chat `messages` list (SFT, e.g. 'messages'), three keys joined by
+        '/' for preference pairs (DPO, 'prompt/chosen/rejected'), or 'tokens' for records that
+        already are token ids (ArrayRecord shards written by `qwen_jax.data.prepare`, or a seqio
+        feature of int ids).
+      shuffle_window: None shuffles globally (the default; right for random-access JSONL and
+        ArrayRecord). An int shuffles within windows of that many consecutive records, which keeps
+        reads local (use it for Parquet, where a record read costs a row-group read).
+      max_bad_fraction: the run fails once more than this fraction of this source's records were
+        bad (malformed JSON, non-UTF-8, empty, unknown role, missing field).
+      seqio_split: the split a seqio Task/Mixture is read from.
+    """
 
-  name: str
-  paths: Sequence[str] | str
-  format: str = "jsonl"
-  field: str = "text"
-  shuffle_window: int | None = None
-  max_bad_fraction: float = 0.01
-  seqio_split: str = "train"
+    name: str
+    paths: Sequence[str] | str
+    format: str = "jsonl"
+    field: str = "text"
+    shuffle_window: int | None = None
+    max_bad_fraction: float = 0.01
+    seqio_split: str = "train"
 
-  def __post_init__(self):
-    if self.format not in FORMATS:
-      raise ValueError(f"Source {self.name!r}: format {self.format!r} is not one of {FORMATS}")
-    if isinstance(self.paths, str):
-      object.__setattr__(self, "paths", (self.paths,))
-    else:
-      object.__setattr__(self, "paths", tuple(self.paths))
-    if not self.paths:
-      raise ValueError(f"Source {self.name!r}: no paths given")
-    if not 0.0 <= self.max_bad_fraction <= 1.0:
-      raise ValueError(f"Source {self.name!r}: max_bad_fraction must be in [0, 1]")
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(
+                f"Source {self.name!r}: format {self.format!r} is not one of {FORMATS}"
+            )
+        if isinstance(self.paths, str):
+            object.__setattr__(self, "paths", (self.paths,))
+        else:
+            object.__setattr__(self, "paths", tuple(self.paths))
+        if not self.paths:
+            raise ValueError(f"Source {self.name!r}: no paths given")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"Source {self.name!r}: max_bad_fraction must be in [0, 1]")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataStage:
-  """A phase of pre-training with its own sequence length, global batch and mixture.
+    """A phase of pre-training with its own sequence length, global batch and mixture.
 
-  Attributes:
-    name: shown in logs and exposed as `iterator.stage.name`.
-    steps: how many batches this stage lasts; None for the last stage means "until stopped".
-    seq_len: tokens per row.
-    batch_size: the global batch; each host gets batch_size / shard_count rows.
-    mixture: source name -> weight (weights need not sum to 1; they are normalized).
-  """
+    Attributes:
+      name: shown in logs and exposed as `iterator.stage.name`.
+      steps: how many batches this stage lasts; None for the last stage means "until stopped".
+      seq_len: tokens per row.
+      batch_size: the global batch; each host gets batch_size / shard_count rows.
+      mixture: source name -> weight (weights need not sum to 1; they are normalized).
+    """
 
-  name: str
-  steps: int | None
-  seq_len: int
-  batch_size: int
-  mixture: Mapping[str, float]
+    name: str
+    steps: int | None
+    seq_len: int
+    batch_size: int
+    mixture: Mapping[str, float]
 
-  def __post_init__(self):
-    if self.steps is not None and self.steps <= 0:
-      raise ValueError(f"DataStage {self.name!r}: steps must be positive or None")
-    if self.seq_len <= 0 or self.batch_size <= 0:
-      raise ValueError(f"DataStage {self.name!r}: seq_len and batch_size must be positive")
-    weights = {k: float(v) for k, v in dict(self.mixture).items() if float(v) != 0.0}
-    if not weights or any(w < 0 for w in weights.values()):
-      raise ValueError(
-          f"DataStage {self.name!r}: mixture needs positive weights, got {self.mixture}")
-    object.__setattr__(self, "mixture", weights)
+    def __post_init__(self):
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError(f"DataStage {self.name!r}: steps must be positive or None")
+        if self.seq_len <= 0 or self.batch_size <= 0:
+            raise ValueError(f"DataStage {self.name!r}: seq_len and batch_size must be positive")
+        weights = {k: float(v) for k, v in dict(self.mixture).items() if float(v) != 0.0}
+        if not weights or any(w < 0 for w in weights.values()):
+            raise ValueError(
+                f"DataStage {self.name!r}: mixture needs positive weights, got {self.mixture}"
+            )
+        object.__setattr__(self, "mixture", weights)
 
 
 def check_stages(stages: Sequence[DataStage], sources: Mapping[str, Source]) -> None:
-  """Fails early, naming the stage, when a schedule refers to unknown sources."""
-  if not stages:
-    raise ValueError("At least one DataStage is needed")
-  for i, stage in enumerate(stages):
-    missing = sorted(set(stage.mixture) - set(sources))
-    if missing:
-      raise ValueError(
-          f"DataStage {stage.name!r} mixes unknown sources {missing}; known: {sorted(sources)}")
-    if stage.steps is None and i != len(stages) - 1:
-      raise ValueError(f"DataStage {stage.name!r}: only the last stage may have steps=None")
+    """Fails early, naming the stage, when a schedule refers to unknown sources."""
+    if not stages:
+        raise ValueError("At least one DataStage is needed")
+    for i, stage in enumerate(stages):
+        missing = sorted(set(stage.mixture) - set(sources))
+        if missing:
+            raise ValueError(
+                f"DataStage {stage.name!r} mixes unknown sources {missing}; known: {sorted(sources)}"
+            )
+        if stage.steps is None and i != len(stages) - 1:
+            raise ValueError(f"DataStage {stage.name!r}: only the last stage may have steps=None")
 
 
 @gin.configurable
-def data_schedule(sources: Sequence[Source] = gin.REQUIRED,
-                  stages: Sequence[DataStage] = gin.REQUIRED) -> tuple[dict[str, Source],
-                                                                       list[DataStage]]:
-  """The pre-training sources and stage schedule bound in gin, checked against each other."""
-  by_name = {s.name: s for s in sources}
-  if len(by_name) != len(sources):
-    raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
-  check_stages(stages, by_name)
-  return by_name, list(stages)
+def data_schedule(
+    sources: Sequence[Source] = gin.REQUIRED, stages: Sequence[DataStage] = gin.REQUIRED
+) -> tuple[dict[str, Source], list[DataStage]]:
+    """The pre-training sources and stage schedule bound in gin, checked against each other."""
+    by_name = {s.name: s for s in sources}
+    if len(by_name) != len(sources):
+        raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
+    check_stages(stages, by_name)
+    return by_name, list(stages)

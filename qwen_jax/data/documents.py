@@ -3,12 +3,21 @@
 A document is one of: `{"text": str}` or `{"tokens": int array}` (pre-training),
 `{"messages": [...]}` (SFT), `{"prompt": str | messages, "chosen": str, "rejected": str}` (DPO),
 each with its `"source"` and `"loc"`.
+
+Chat and preference records come in the formats users already have (TRL's dataset formats):
+  SFT   conversational   {"messages": [{"role": "user", "content": ...}, ...]}
+        prompt-completion {"prompt": str | messages, "completion": str | messages}
+  DPO   explicit prompt  {"prompt": str | messages, "chosen": str | messages, "rejected": ...}
+        implicit prompt  {"chosen": messages, "rejected": messages}, sharing a prefix (the prompt)
+A string prompt is one user turn and a string completion one assistant turn, both rendered with
+the chat template (TRL would leave plain strings unrendered; here every SFT/DPO record is a chat).
+`check_format` names the file and the fields it saw when a file's first record is in none of them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,116 +32,199 @@ KINDS = ("text", "messages", "preference")
 
 
 def preference_keys(source: Source) -> list[str]:
-  keys = source.field.split("/")
-  if len(keys) != 3:
-    raise ValueError(f"Source {source.name!r}: a preference source needs field='prompt/chosen/"
-                     f"rejected' (three keys joined by '/'), got {source.field!r}")
-  return keys
+    keys = source.field.split("/")
+    if len(keys) != 3:
+        raise ValueError(
+            f"Source {source.name!r}: a preference source needs field='prompt/chosen/"
+            f"rejected' (three keys joined by '/'), got {source.field!r}"
+        )
+    return keys
+
+
+PROMPT, COMPLETION = "prompt", "completion"  # TRL's prompt-completion keys
 
 
 def columns(source: Source, kind: str) -> list[str]:
-  """The record keys a document of `kind` needs (Parquet reads only these columns)."""
-  return preference_keys(source) if kind == "preference" else [source.field]
+    """The record keys a document of `kind` may need (Parquet reads only these columns)."""
+    if kind == "preference":
+        return preference_keys(source)
+    if kind == "messages":
+        return [source.field, PROMPT, COMPLETION]
+    return [source.field]
+
+
+def _format_keys(source: Source, kind: str) -> list[tuple[str, ...]]:
+    """Each accepted format of `kind` as the keys that identify it, in order of preference."""
+    if kind == "messages":
+        return [(source.field,), (PROMPT, COMPLETION)]
+    if kind == "preference":
+        prompt, chosen, rejected = preference_keys(source)
+        return [(prompt, chosen, rejected), (chosen, rejected)]
+    return [(source.field,)]
+
+
+def check_format(source: Source, kind: str, first_records: Iterable[tuple[str, Any]]) -> None:
+    """Fails, naming the file and the fields seen, when the first record of a file is an object
+    in none of `kind`'s formats (a malformed first record is left to the bad-record count)."""
+    formats = _format_keys(source, kind)
+    for loc, value in first_records:
+        try:
+            obj = _as_object(value)
+        except BadRecord:
+            continue
+        if not any(all(k in obj for k in keys) for keys in formats):
+            expected = " or ".join("+".join(repr(k) for k in keys) for keys in formats)
+            raise ValueError(
+                f"{loc}: unknown {kind} data format: the record has fields "
+                f"{sorted(obj)}; expected {expected}"
+            )
 
 
 def _as_object(value: Any) -> Mapping:
-  if isinstance(value, (bytes, bytearray)):
-    try:
-      value = bytes(value).decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise BadRecord(f"non-UTF-8 bytes: {e.reason} at byte {e.start}") from None
-    try:
-      value = json.loads(value)
-    except json.JSONDecodeError as e:
-      if not value.strip():
-        raise BadRecord("empty line") from None
-      raise BadRecord(f"malformed JSON: {e.msg} at column {e.colno}") from None
-  if not isinstance(value, Mapping):
-    raise BadRecord(f"malformed JSON: expected an object, got {type(value).__name__}")
-  return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord(f"non-UTF-8 bytes: {e.reason} at byte {e.start}") from None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            if not value.strip():
+                raise BadRecord("empty line") from None
+            raise BadRecord(f"malformed JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(value, Mapping):
+        raise BadRecord(f"malformed JSON: expected an object, got {type(value).__name__}")
+    return value
 
 
 def _get(obj: Mapping, key: str) -> Any:
-  if key not in obj or obj[key] is None:
-    raise BadRecord(f"missing field: {key!r}")
-  value = obj[key]
-  return value.decode("utf-8") if isinstance(value, bytes) else value
+    if key not in obj or obj[key] is None:
+        raise BadRecord(f"missing field: {key!r}")
+    value = obj[key]
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _text(obj: Mapping, key: str) -> str:
-  value = _get(obj, key)
-  if not isinstance(value, str):
-    raise BadRecord(f"bad field: {key!r} is {type(value).__name__}, not a string")
-  if not value.strip():
-    raise BadRecord("empty document")
-  return value
+    value = _get(obj, key)
+    if not isinstance(value, str):
+        raise BadRecord(f"bad field: {key!r} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise BadRecord("empty document")
+    return value
 
 
-def _response(obj: Mapping, key: str) -> str:
-  """A DPO response: a string, or a messages list whose last message is the assistant's."""
-  value = _get(obj, key)
-  if isinstance(value, list):
-    chat._check_messages(value)  # pylint: disable=protected-access
-    if value[-1]["role"] != "assistant":
-      raise BadRecord(f"bad field: {key!r} does not end with an assistant message")
-    value = value[-1]["content"]
-  if not isinstance(value, str):
-    raise BadRecord(f"bad field: {key!r} is {type(value).__name__}")
-  if not value.strip():
-    raise BadRecord(f"empty document: {key!r} is empty")
-  return value
+def _turns(value: Any, key: str, role: str) -> list:
+    """A field holding a string (one `role` turn) or a messages list, as a messages list."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord(f"empty document: {key!r} is empty")
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise BadRecord(f"bad field: {key!r} is {type(value).__name__}, not a string or messages")
+    chat.check_messages(value)
+    return list(value)
+
+
+def _response(obj: Mapping, key: str, prompt_turns: int = 0) -> str:
+    """A DPO response: a string, or a messages list whose messages after the first
+    `prompt_turns` are one assistant message."""
+    value = _get(obj, key)
+    if isinstance(value, list):
+        chat.check_messages(value)
+        rest = value[prompt_turns:]
+        if len(rest) != 1 or rest[0]["role"] != "assistant":
+            raise BadRecord(
+                f"bad field: {key!r} must end with one assistant message after the prompt"
+            )
+        value = rest[0]["content"]
+    if not isinstance(value, str):
+        raise BadRecord(f"bad field: {key!r} is {type(value).__name__}")
+    if not value.strip():
+        raise BadRecord(f"empty document: {key!r} is empty")
+    return value
 
 
 def parse(record: Mapping, source: Source, kind: str) -> dict:
-  """The document in `record`, or BadRecord with the reason."""
-  value = record["value"]
-  doc = {"source": record["source"], "loc": record["loc"]}
-  if source.field == "tokens":
-    if isinstance(value, (bytes, bytearray)):
-      tokens = np.frombuffer(value, TOKEN_DTYPE).astype(np.int32)
-    else:
-      tokens = np.asarray(_get(value, "tokens"), np.int32).reshape(-1)
-    if tokens.size == 0:
-      raise BadRecord("empty document")
-    return {**doc, "tokens": tokens}
-  obj = _as_object(value)
-  if kind == "text":
-    value = _get(obj, source.field)
-    if isinstance(value, np.ndarray) and value.dtype.kind in "iu":  # e.g. a seqio token feature
-      if value.size == 0:
-        raise BadRecord("empty document")
-      return {**doc, "tokens": value.astype(np.int32).reshape(-1)}
-    return {**doc, "text": _text(obj, source.field)}
-  if kind == "messages":
-    messages = _get(obj, source.field)
-    chat._check_messages(messages)  # pylint: disable=protected-access
-    return {**doc, "messages": messages}
-  prompt_key, chosen_key, rejected_key = preference_keys(source)
-  prompt = _get(obj, prompt_key)
-  if isinstance(prompt, list):
-    chat._check_messages(prompt)  # pylint: disable=protected-access
-  elif not isinstance(prompt, str) or not prompt.strip():
-    raise BadRecord(f"bad field: {prompt_key!r} is empty or not a string/messages")
-  return {**doc, "prompt": prompt, "chosen": _response(obj, chosen_key),
-          "rejected": _response(obj, rejected_key)}
+    """The document in `record`, or BadRecord with the reason."""
+    value = record["value"]
+    doc = {"source": record["source"], "loc": record["loc"]}
+    if source.field == "tokens":
+        if isinstance(value, (bytes, bytearray)):
+            tokens = np.frombuffer(value, TOKEN_DTYPE).astype(np.int32)
+        else:
+            tokens = np.asarray(_get(value, "tokens"), np.int32).reshape(-1)
+        if tokens.size == 0:
+            raise BadRecord("empty document")
+        return {**doc, "tokens": tokens}
+    obj = _as_object(value)
+    if kind == "text":
+        value = _get(obj, source.field)
+        if isinstance(value, np.ndarray) and value.dtype.kind in "iu":  # e.g. a seqio token feature
+            if value.size == 0:
+                raise BadRecord("empty document")
+            return {**doc, "tokens": value.astype(np.int32).reshape(-1)}
+        return {**doc, "text": _text(obj, source.field)}
+    if kind == "messages":
+        if source.field not in obj and PROMPT in obj:
+            messages = _turns(_get(obj, PROMPT), PROMPT, "user") + _turns(
+                _get(obj, COMPLETION), COMPLETION, "assistant"
+            )
+        else:
+            messages = _get(obj, source.field)
+        chat.check_messages(messages)
+        return {**doc, "messages": messages}
+    prompt_key, chosen_key, rejected_key = preference_keys(source)
+    if prompt_key not in obj:
+        return {**doc, **_implicit_prompt(obj, chosen_key, rejected_key)}
+    prompt = _get(obj, prompt_key)
+    if isinstance(prompt, list):
+        chat.check_messages(prompt)
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise BadRecord(f"bad field: {prompt_key!r} is empty or not a string/messages")
+    return {
+        **doc,
+        "prompt": prompt,
+        "chosen": _response(obj, chosen_key),
+        "rejected": _response(obj, rejected_key),
+    }
+
+
+def _implicit_prompt(obj: Mapping, chosen_key: str, rejected_key: str) -> dict:
+    """TRL's implicit-prompt pair: the prompt is the longest common prefix of the two
+    conversations; what follows it in each must be one assistant message."""
+    chosen, rejected = _get(obj, chosen_key), _get(obj, rejected_key)
+    for key, value in ((chosen_key, chosen), (rejected_key, rejected)):
+        if not isinstance(value, list):
+            raise BadRecord(f"bad field: {key!r} must be a messages list when there is no prompt")
+        chat.check_messages(value)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise BadRecord(f"bad field: {chosen_key!r} and {rejected_key!r} share no prompt")
+    return {
+        "prompt": list(chosen[:shared]),
+        "chosen": _response(obj, chosen_key, shared),
+        "rejected": _response(obj, rejected_key, shared),
+    }
 
 
 class ParseRecords:
-  """Grain map: record -> document, or None (filtered out) after counting a bad record."""
+    """Grain map: record -> document, or None (filtered out) after counting a bad record."""
 
-  def __init__(self, sources: Mapping[str, Source], kind: str, tracker: BadRecordTracker):
-    if kind not in KINDS:
-      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    self._sources = dict(sources)
-    self._kind = kind
-    self.tracker = tracker
+    def __init__(self, sources: Mapping[str, Source], kind: str, tracker: BadRecordTracker):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self._sources = dict(sources)
+        self._kind = kind
+        self.tracker = tracker
 
-  def __call__(self, record: Mapping) -> dict | None:
-    name = record["source"]
-    try:
-      doc = parse(record, self._sources[name], self._kind)
-    except BadRecord as e:
-      self.tracker.bad(name, record["loc"], str(e))
-      return None
-    self.tracker.good(name)
-    return doc
+    def __call__(self, record: Mapping) -> dict | None:
+        name = record["source"]
+        try:
+            doc = parse(record, self._sources[name], self._kind)
+        except BadRecord as e:
+            self.tracker.bad(name, record["loc"], str(e))
+            return None
+        self.tracker.good(name)
+        return doc

@@ -30,272 +30,449 @@ from qwen_jax.data.tokenizer import Tokenizer
 
 
 def _sub_seed(seed: int, *keys) -> int:
-  """A stable 31-bit seed per (seed, keys): every source and stage shuffles independently."""
-  mixed = np.random.SeedSequence([seed] + [zlib.crc32(str(k).encode()) for k in keys])
-  return int(mixed.generate_state(1)[0] & 0x7FFFFFFF)
+    """A stable 31-bit seed per (seed, keys): every source and stage shuffles independently."""
+    mixed = np.random.SeedSequence([seed] + [zlib.crc32(str(k).encode()) for k in keys])
+    return int(mixed.generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
-  index = jax.process_index() if shard_index is None else shard_index
-  count = jax.process_count() if shard_count is None else shard_count
-  return index, count
+    index = jax.process_index() if shard_index is None else shard_index
+    count = jax.process_count() if shard_count is None else shard_count
+    return index, count
 
 
 def _per_host(batch_size: int, shard_count: int, what: str) -> int:
-  if batch_size % shard_count:
-    raise ValueError(f"{what}: batch_size {batch_size} is not divisible by {shard_count} hosts")
-  return batch_size // shard_count
+    if batch_size % shard_count:
+        raise ValueError(f"{what}: batch_size {batch_size} is not divisible by {shard_count} hosts")
+    return batch_size // shard_count
 
 
 def _as_sources(given, field: str) -> list[Source]:
-  """Accepts a Source, a glob string, or a list of either (strings become JSONL sources)."""
-  items = given if isinstance(given, (list, tuple)) else [given]
-  out = []
-  for i, item in enumerate(items):
-    out.append(item if isinstance(item, Source) else Source(f"source{i}", item, field=field))
-  return out
+    """Accepts a Source, a glob string, or a list of either (strings become sources of the format
+    their suffix names: .parquet, .arrayrecord, else JSONL)."""
+    items = given if isinstance(given, (list, tuple)) else [given]
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Source):
+            item = Source(f"source{i}", item, format=sources_lib.format_of(item), field=field)
+        out.append(item)
+    return out
 
 
 class _ParsedIterator(grain.DatasetIterator):
-  """Parses records into documents, skipping (and counting) bad ones; at the end of a finite
-  stream, judges every source on all it has seen."""
+    """Parses records into documents, skipping (and counting) bad ones; at the end of a finite
+    stream, judges every source on all it has seen."""
 
-  def __init__(self, parent: grain.DatasetIterator, parse: documents.ParseRecords):
-    super().__init__(parent)
-    self._parse = parse
+    def __init__(self, parent: grain.DatasetIterator, parse: documents.ParseRecords):
+        super().__init__(parent)
+        self._parse = parse
 
-  def __next__(self):
-    while True:
-      try:
-        record = next(self._parent)
-      except StopIteration:
-        self._parse.tracker.finish()
-        raise
-      doc = self._parse(record)
-      if doc is not None:
-        return doc
+    def __next__(self):
+        while True:
+            try:
+                record = next(self._parent)
+            except StopIteration:
+                self._parse.tracker.finish()
+                raise
+            doc = self._parse(record)
+            if doc is not None:
+                return doc
 
-  def get_state(self):
-    return self._parent.get_state()
+    def get_state(self):
+        return self._parent.get_state()
 
-  def set_state(self, state):
-    self._parent.set_state(state)
+    def set_state(self, state):
+        self._parent.set_state(state)
 
 
 class _ParsedDataset(grain.IterDataset):
-  def __init__(self, parent: grain.IterDataset, parse: documents.ParseRecords):
-    super().__init__(parent)
-    self._parse = parse
+    def __init__(self, parent: grain.IterDataset, parse: documents.ParseRecords):
+        super().__init__(parent)
+        self._parse = parse
 
-  def __iter__(self):
-    return _ParsedIterator(self._parent.__iter__(), self._parse)
+    def __iter__(self):
+        return _ParsedIterator(self._parent.__iter__(), self._parse)
 
 
-def document_dataset(sources: Sequence[Source], weights: Mapping[str, float] | None, kind: str,
-                     *, seed: int, shard_index: int, shard_count: int, num_epochs: int | None,
-                     shuffle: bool, tracker: BadRecordTracker,
-                     read_threads: int = 2) -> grain.IterDataset:
-  """Parsed documents of `sources` (each tagged with its "source"), mixed by `weights`."""
-  by_name = {s.name: s for s in sources}
-  if len(by_name) != len(sources):
-    raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
-  parse = documents.ParseRecords(by_name, kind, tracker)
-  streams = {}
-  for source in sources:
-    source_seed = _sub_seed(seed, "source", source.name)
-    if source.format == "seqio":
-      from qwen_jax.data import seqio_source  # optional dependency
-      ds = seqio_source.SeqioDataset(source, shard_index=shard_index, shard_count=shard_count,
-                                     seed=source_seed, num_epochs=num_epochs, shuffle=shuffle)
-    else:
-      ds = sources_lib.record_dataset(
-          source, shard_index=shard_index, shard_count=shard_count, seed=source_seed,
-          num_epochs=num_epochs, shuffle=shuffle, columns=documents.columns(source, kind))
-      # Grain's read prefetch costs O(buffer) per element; a short buffer hides local-disk
-      # latency without that overhead (raise read_threads for remote file systems).
-      ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                prefetch_buffer_size=4 * read_threads))
-    streams[source.name] = _ParsedDataset(ds, parse)
-  if len(streams) == 1:
-    return next(iter(streams.values()))
-  weights = weights or {name: 1.0 for name in streams}
-  return grain.IterDataset.mix(streams, {name: weights[name] for name in streams})
+def document_dataset(
+    sources: Sequence[Source],
+    weights: Mapping[str, float] | None,
+    kind: str,
+    *,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    tracker: BadRecordTracker,
+    read_threads: int = 2,
+) -> grain.IterDataset:
+    """Parsed documents of `sources` (each tagged with its "source"), mixed by `weights`."""
+    by_name = {s.name: s for s in sources}
+    if len(by_name) != len(sources):
+        raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
+    parse = documents.ParseRecords(by_name, kind, tracker)
+    streams = {}
+    for source in sources:
+        source_seed = _sub_seed(seed, "source", source.name)
+        if source.format == "seqio":
+            from qwen_jax.data import seqio_source  # optional dependency
+
+            ds = seqio_source.SeqioDataset(
+                source,
+                shard_index=shard_index,
+                shard_count=shard_count,
+                seed=source_seed,
+                num_epochs=num_epochs,
+                shuffle=shuffle,
+            )
+        else:
+            records = sources_lib.RecordSource(source, documents.columns(source, kind))
+            documents.check_format(source, kind, records.first_records())
+            ds = sources_lib.record_dataset(
+                records,
+                shard_index=shard_index,
+                shard_count=shard_count,
+                seed=source_seed,
+                num_epochs=num_epochs,
+                shuffle=shuffle,
+            )
+            # Grain's read prefetch costs O(buffer) per element; a short buffer hides local-disk
+            # latency without that overhead (raise read_threads for remote file systems).
+            ds = ds.to_iter_dataset(
+                grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
+            )
+        streams[source.name] = _ParsedDataset(ds, parse)
+    if len(streams) == 1:
+        return next(iter(streams.values()))
+    weights = weights or {name: 1.0 for name in streams}
+    return grain.IterDataset.mix(streams, {name: weights[name] for name in streams})
 
 
 def _finish(ds: grain.IterDataset, worker_count: int, prefetch: int) -> grain.IterDataset:
-  if worker_count:
-    if not flags.FLAGS.is_parsed():
-      # Grain's worker start-up reads its absl flags; outside `app.run` (tests, notebooks)
-      # nothing parsed them, so their defaults are taken.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=2))
-  if prefetch:
-    # Overlaps input work with the training step even without worker processes: tokenization
-    # and packing mostly run in Rust/numpy, which release the GIL.
-    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-  return ds
+    if worker_count:
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker start-up reads its absl flags; outside `app.run` (tests, notebooks)
+            # nothing parsed them, so their defaults are taken.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2)
+        )
+    if prefetch:
+        # Overlaps input work with the training step even without worker processes: tokenization
+        # and packing mostly run in Rust/numpy, which release the GIL.
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
 
 
 def _batched(ds: grain.IterDataset, batch_size: int, finite: bool) -> grain.IterDataset:
-  if not finite:
-    return ds.batch(batch_size, drop_remainder=True)
-  return ds.batch(batch_size).map(functools.partial(packing.pad_batch, batch_size=batch_size))
+    if not finite:
+        return ds.batch(batch_size, drop_remainder=True)
+    return ds.batch(batch_size).map(functools.partial(packing.pad_batch, batch_size=batch_size))
 
 
-def pretrain_stage_dataset(sources: Mapping[str, Source], stage: DataStage, tokenizer: Tokenizer,
-                           *, seed: int, packing_method: str = "first_fit", shard_index: int,
-                           shard_count: int, tracker: BadRecordTracker,
-                           num_epochs: int | None = None, tokenize_batch: int = 128,
-                           num_packing_bins: int | None = None, worker_count: int = 0,
-                           prefetch: int = 2) -> grain.IterDataset:
-  """The batches of one stage: its mixture, packed at its sequence length."""
-  finite = num_epochs is not None
-  per_host = _per_host(stage.batch_size, shard_count, f"DataStage {stage.name!r}")
-  docs = document_dataset([sources[name] for name in stage.mixture], stage.mixture, "text",
-                          seed=_sub_seed(seed, "stage", stage.name), shard_index=shard_index,
-                          shard_count=shard_count, num_epochs=num_epochs, shuffle=not finite,
-                          tracker=tracker)
-  ds = docs.batch(tokenize_batch, batch_fn=list)
-  split_len = stage.seq_len if packing_method == "first_fit" else None
-  ds = grain.experimental.FlatMapIterDataset(
-      ds, examples.DocumentsToExamples(tokenizer, split_len))
-  ds = packing.pack(ds, seq_len=stage.seq_len, packing=packing_method,
-                    num_packing_bins=num_packing_bins or per_host,
-                    seed=_sub_seed(seed, "pack", stage.name), pad_id=tokenizer.pad_id)
-  return _finish(_batched(ds, per_host, finite), worker_count, prefetch)
+def pretrain_stage_dataset(
+    sources: Mapping[str, Source],
+    stage: DataStage,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    packing_method: str = "first_fit",
+    shard_index: int,
+    shard_count: int,
+    tracker: BadRecordTracker,
+    num_epochs: int | None = None,
+    tokenize_batch: int = 128,
+    num_packing_bins: int | None = None,
+    worker_count: int = 0,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """The batches of one stage: its mixture, packed at its sequence length."""
+    finite = num_epochs is not None
+    per_host = _per_host(stage.batch_size, shard_count, f"DataStage {stage.name!r}")
+    docs = document_dataset(
+        [sources[name] for name in stage.mixture],
+        stage.mixture,
+        "text",
+        seed=_sub_seed(seed, "stage", stage.name),
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+        shuffle=not finite,
+        tracker=tracker,
+    )
+    ds = docs.batch(tokenize_batch, batch_fn=list)
+    split_len = stage.seq_len if packing_method == "first_fit" else None
+    ds = grain.experimental.FlatMapIterDataset(
+        ds, examples.DocumentsToExamples(tokenizer, split_len)
+    )
+    ds = packing.pack(
+        ds,
+        seq_len=stage.seq_len,
+        packing=packing_method,
+        num_packing_bins=num_packing_bins or per_host,
+        seed=_sub_seed(seed, "pack", stage.name),
+        pad_id=tokenizer.pad_id,
+    )
+    return _finish(_batched(ds, per_host, finite), worker_count, prefetch)
 
 
-def pretrain_iterator(sources: Sequence[Source] | Mapping[str, Source],
-                      stages: Sequence[DataStage], tokenizer: Tokenizer, *, seed: int = 0,
-                      packing: str = "first_fit", shard_index: int | None = None,
-                      shard_count: int | None = None, worker_count: int = 0,
-                      tokenize_batch: int = 128, num_packing_bins: int | None = None,
-                      prefetch: int = 2, min_records_for_bad_check: int = 1000) -> StagedIterator:
-  """Pre-training batches of the current stage for this host; switches stage after each stage's
-  `steps` batches. `iterator.stage` / `iterator.stage_index` name the stage of the next batch."""
-  if not isinstance(sources, Mapping):
-    sources = {s.name: s for s in sources}
-  check_stages(stages, sources)
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  tracker = BadRecordTracker({s.name: s.max_bad_fraction for s in sources.values()},
-                             min_records=min_records_for_bad_check)
+def pretrain_iterator(
+    sources: Sequence[Source] | Mapping[str, Source],
+    stages: Sequence[DataStage],
+    tokenizer: Tokenizer,
+    *,
+    seed: int = 0,
+    packing: str = "first_fit",
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    tokenize_batch: int = 128,
+    num_packing_bins: int | None = None,
+    prefetch: int = 2,
+    min_records_for_bad_check: int = 1000,
+) -> StagedIterator:
+    """Pre-training batches of the current stage for this host; switches stage after each stage's
+    `steps` batches. `iterator.stage` / `iterator.stage_index` name the stage of the next batch."""
+    if not isinstance(sources, Mapping):
+        sources = {s.name: s for s in sources}
+    check_stages(stages, sources)
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    tracker = BadRecordTracker(
+        {s.name: s.max_bad_fraction for s in sources.values()},
+        min_records=min_records_for_bad_check,
+    )
 
-  def build(stage: DataStage) -> grain.IterDataset:
-    return pretrain_stage_dataset(
-        sources, stage, tokenizer, seed=seed, packing_method=packing, shard_index=shard_index,
-        shard_count=shard_count, tracker=tracker, tokenize_batch=tokenize_batch,
-        num_packing_bins=num_packing_bins, worker_count=worker_count, prefetch=prefetch)
+    def build(stage: DataStage) -> grain.IterDataset:
+        return pretrain_stage_dataset(
+            sources,
+            stage,
+            tokenizer,
+            seed=seed,
+            packing_method=packing,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            tracker=tracker,
+            tokenize_batch=tokenize_batch,
+            num_packing_bins=num_packing_bins,
+            worker_count=worker_count,
+            prefetch=prefetch,
+        )
 
-  return StagedIterator(stages, build, bad_records=tracker)
-
-
-def pretrain_eval_iterator(source: Source | str, tokenizer: Tokenizer, *, seq_len: int,
-                           batch_size: int, shard_index: int | None = None,
-                           shard_count: int | None = None) -> grain.DatasetIterator:
-  """One pass over a held-out text source, packed first-fit; the last batch is padded."""
-  (source,) = _as_sources(source, "text")
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  stage = DataStage("eval", None, seq_len, batch_size, {source.name: 1.0})
-  tracker = BadRecordTracker({source.name: source.max_bad_fraction})
-  return iter(pretrain_stage_dataset({source.name: source}, stage, tokenizer, seed=0,
-                                     shard_index=shard_index, shard_count=shard_count,
-                                     tracker=tracker, num_epochs=1, prefetch=0))
-
-
-def _record_dataset(srcs, weights, kind: str, caller: str, *, batch_size: int, seed: int,
-                    num_epochs: int | None, shuffle: bool, shard_index: int | None,
-                    shard_count: int | None, min_records_for_bad_check: int):
-  """(this host's parsed records with bad-record accounting, per-host batch size): the part
-  the SFT and DPO pipelines share."""
-  shard_index, shard_count = _shard(shard_index, shard_count)
-  per_host = _per_host(batch_size, shard_count, caller)
-  tracker = BadRecordTracker({s.name: s.max_bad_fraction for s in srcs},
-                             min_records=min_records_for_bad_check)
-  ds = document_dataset(srcs, weights, kind, seed=seed, shard_index=shard_index,
-                        shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle,
-                        tracker=tracker)
-  return ds, per_host
+    return StagedIterator(stages, build, bad_records=tracker)
 
 
-def sft_iterator(sources, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
-                 num_epochs: int | None = None, weights: Mapping[str, float] | None = None,
-                 system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
-                 shard_index: int | None = None, shard_count: int | None = None,
-                 worker_count: int = 0, num_packing_bins: int | None = None,
-                 prefetch: int = 2, for_eval: bool = False,
-                 min_records_for_bad_check: int = 1000) -> grain.DatasetIterator:
-  """Packed ChatML batches; loss only on assistant turns. `sources`: Source(s) or glob(s) of
-  JSONL with a `messages` field. `for_eval`: one unshuffled pass, last batch padded."""
-  if for_eval:
-    num_epochs = 1
-  ds, per_host = _record_dataset(
-      _as_sources(sources, "messages"), weights, "messages", "sft_iterator", batch_size=batch_size,
-      seed=seed, num_epochs=num_epochs, shuffle=not for_eval, shard_index=shard_index,
-      shard_count=shard_count, min_records_for_bad_check=min_records_for_bad_check)
-  ds = ds.map(examples.ChatToExample(tokenizer, seq_len, system_prompt))
-  ds = packing.pack(ds, seq_len=seq_len, packing="first_fit",
-                    num_packing_bins=num_packing_bins or per_host, seed=_sub_seed(seed, "pack"),
-                    pad_id=tokenizer.pad_id)
-  ds = _batched(ds, per_host, finite=num_epochs is not None)
-  return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
+def pretrain_eval_iterator(
+    source: Source | str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.DatasetIterator:
+    """One pass over a held-out text source, packed first-fit; the last batch is padded."""
+    (source,) = _as_sources(source, "text")
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    stage = DataStage("eval", None, seq_len, batch_size, {source.name: 1.0})
+    tracker = BadRecordTracker({source.name: source.max_bad_fraction})
+    return iter(
+        pretrain_stage_dataset(
+            {source.name: source},
+            stage,
+            tokenizer,
+            seed=0,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            tracker=tracker,
+            num_epochs=1,
+            prefetch=0,
+        )
+    )
 
 
-def dpo_iterator(source, tokenizer: Tokenizer, *, prompt_len: int, response_len: int,
-                 batch_size: int, seed: int = 0, num_epochs: int | None = None,
-                 system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
-                 shard_index: int | None = None, shard_count: int | None = None,
-                 worker_count: int = 0, prefetch: int = 2, for_eval: bool = False,
-                 min_records_for_bad_check: int = 1000,
-                 reference_logps: Mapping[str, tuple[float, float]] | None = None,
-                 ) -> grain.DatasetIterator:
-  """Preference pairs, one per row: `chosen_*` and `rejected_*` batches of the same pairs, rows
-  of prompt_len + response_len tokens. `source`: Source(s) or glob(s) of JSONL records with
-  `prompt`, `chosen`, `rejected`. `reference_logps`: see `examples.PreferenceToExample`."""
-  if for_eval:
-    num_epochs = 1
-  ds, per_host = _record_dataset(
-      _as_sources(source, "prompt/chosen/rejected"), None, "preference", "dpo_iterator",
-      batch_size=batch_size, seed=seed, num_epochs=num_epochs, shuffle=not for_eval,
-      shard_index=shard_index, shard_count=shard_count,
-      min_records_for_bad_check=min_records_for_bad_check)
-  ds = ds.map(examples.PreferenceToExample(tokenizer, prompt_len, response_len, system_prompt,
-                                           reference_logps))
-  ds = _batched(ds, per_host, finite=num_epochs is not None)
-  return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
+def _record_dataset(
+    srcs,
+    weights,
+    kind: str,
+    caller: str,
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    shuffle: bool,
+    shard_index: int | None,
+    shard_count: int | None,
+    min_records_for_bad_check: int,
+):
+    """(this host's parsed records with bad-record accounting, per-host batch size): the part
+    the SFT and DPO pipelines share."""
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    per_host = _per_host(batch_size, shard_count, caller)
+    tracker = BadRecordTracker(
+        {s.name: s.max_bad_fraction for s in srcs}, min_records=min_records_for_bad_check
+    )
+    ds = document_dataset(
+        srcs,
+        weights,
+        kind,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        tracker=tracker,
+    )
+    return ds, per_host
+
+
+def sft_iterator(
+    sources,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    weights: Mapping[str, float] | None = None,
+    system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    num_packing_bins: int | None = None,
+    prefetch: int = 2,
+    for_eval: bool = False,
+    min_records_for_bad_check: int = 1000,
+) -> grain.DatasetIterator:
+    """Packed ChatML batches; loss only on assistant turns. `sources`: Source(s) or glob(s) of
+    conversational or prompt-completion records (`qwen_jax.data.documents`). `for_eval`: one
+    unshuffled pass, last batch padded."""
+    if for_eval:
+        num_epochs = 1
+    ds, per_host = _record_dataset(
+        _as_sources(sources, "messages"),
+        weights,
+        "messages",
+        "sft_iterator",
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shuffle=not for_eval,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        min_records_for_bad_check=min_records_for_bad_check,
+    )
+    ds = ds.map(examples.ChatToExample(tokenizer, seq_len, system_prompt))
+    ds = packing.pack(
+        ds,
+        seq_len=seq_len,
+        packing="first_fit",
+        num_packing_bins=num_packing_bins or per_host,
+        seed=_sub_seed(seed, "pack"),
+        pad_id=tokenizer.pad_id,
+    )
+    ds = _batched(ds, per_host, finite=num_epochs is not None)
+    return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
+
+
+def dpo_iterator(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    prompt_len: int,
+    response_len: int,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    prefetch: int = 2,
+    for_eval: bool = False,
+    min_records_for_bad_check: int = 1000,
+    reference_logps: Mapping[str, tuple[float, float]] | None = None,
+) -> grain.DatasetIterator:
+    """Preference pairs, one per row: `chosen_*` and `rejected_*` batches of the same pairs, rows
+    of prompt_len + response_len tokens. `source`: Source(s) or glob(s) of preference records,
+    explicit or implicit prompt (`qwen_jax.data.documents`). `reference_logps`: see `examples.PreferenceToExample`."""
+    if for_eval:
+        num_epochs = 1
+    ds, per_host = _record_dataset(
+        _as_sources(source, "prompt/chosen/rejected"),
+        None,
+        "preference",
+        "dpo_iterator",
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        shuffle=not for_eval,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        min_records_for_bad_check=min_records_for_bad_check,
+    )
+    ds = ds.map(
+        examples.PreferenceToExample(
+            tokenizer, prompt_len, response_len, system_prompt, reference_logps
+        )
+    )
+    ds = _batched(ds, per_host, finite=num_epochs is not None)
+    return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
 
 
 def preference_documents(source) -> Iterator[dict]:
-  """Every parsed preference pair of `source` (Source(s) or glob(s)) in file order, with its
-  "loc": one pass on this host over all records, for computing per-pair values up front."""
-  for src in _as_sources(source, "prompt/chosen/rejected"):
+    """Every parsed preference pair of `source` (Source(s) or glob(s)) in file order, with its
+    "loc": one pass on this host over all records, for computing per-pair values up front."""
+    for src in _as_sources(source, "prompt/chosen/rejected"):
+        tracker = BadRecordTracker({src.name: src.max_bad_fraction})
+        yield from document_dataset(
+            [src],
+            None,
+            "preference",
+            seed=0,
+            shard_index=0,
+            shard_count=1,
+            num_epochs=1,
+            shuffle=False,
+            tracker=tracker,
+        )
+
+
+def generation_eval_examples(
+    source: Source | str,
+    tokenizer: Tokenizer,
+    *,
+    system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
+    limit: int | None = None,
+) -> Iterator[dict]:
+    """For exact-match eval: each held-out conversation cut before its last assistant turn.
+
+    Yields {"prompt_ids": int32 array ending in `<|im_start|>assistant\\n`, "answer": str, "loc"}.
+    Reads the whole source on every host (eval sets are small).
+    """
+    (src,) = _as_sources(source, "messages")
     tracker = BadRecordTracker({src.name: src.max_bad_fraction})
-    yield from document_dataset([src], None, "preference", seed=0, shard_index=0, shard_count=1,
-                                num_epochs=1, shuffle=False, tracker=tracker)
-
-
-def generation_eval_examples(source: Source | str, tokenizer: Tokenizer, *,
-                             system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
-                             limit: int | None = None) -> Iterator[dict]:
-  """For exact-match eval: each held-out conversation cut before its last assistant turn.
-
-  Yields {"prompt_ids": int32 array ending in `<|im_start|>assistant\\n`, "answer": str, "loc"}.
-  Reads the whole source on every host (eval sets are small).
-  """
-  (src,) = _as_sources(source, "messages")
-  tracker = BadRecordTracker({src.name: src.max_bad_fraction})
-  docs = document_dataset([src], None, "messages", seed=0, shard_index=0, shard_count=1,
-                          num_epochs=1, shuffle=False, tracker=tracker)
-  for n, doc in enumerate(docs):
-    if limit is not None and n >= limit:
-      return
-    messages = doc["messages"]
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not turns:
-      logging.warning("%s has no assistant turn to evaluate; skipped", doc["loc"])
-      continue
-    last = turns[-1]
-    ids, _ = chat.render_chat(messages[:last], tokenizer, add_generation_prompt=True,
-                              system_prompt=system_prompt)
-    yield {"prompt_ids": ids, "answer": messages[last]["content"], "loc": doc["loc"]}
-
+    docs = document_dataset(
+        [src],
+        None,
+        "messages",
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+        num_epochs=1,
+        shuffle=False,
+        tracker=tracker,
+    )
+    for n, doc in enumerate(docs):
+        if limit is not None and n >= limit:
+            return
+        messages = doc["messages"]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns:
+            logging.warning("%s has no assistant turn to evaluate; skipped", doc["loc"])
+            continue
+        last = turns[-1]
+        ids, _ = chat.render_chat(
+            messages[:last], tokenizer, add_generation_prompt=True, system_prompt=system_prompt
+        )
+        yield {"prompt_ids": ids, "answer": messages[last]["content"], "loc": doc["loc"]}

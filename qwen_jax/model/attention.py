@@ -16,9 +16,17 @@ import jax.numpy as jnp
 
 
 class AttentionFn(Protocol):
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment_ids: jax.Array,
-                 kv_segment_ids: jax.Array, q_positions: jax.Array,
-                 kv_positions: jax.Array) -> jax.Array: ...
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        q_segment_ids: jax.Array,
+        kv_segment_ids: jax.Array,
+        q_positions: jax.Array,
+        kv_positions: jax.Array,
+    ) -> jax.Array: ...
 
 
 _IMPLEMENTATIONS: dict[str, AttentionFn] = {}
@@ -28,12 +36,15 @@ def register(name: str) -> Callable[[AttentionFn], AttentionFn]:
     def wrap(fn: AttentionFn) -> AttentionFn:
         _IMPLEMENTATIONS[name] = fn
         return fn
+
     return wrap
 
 
 def get(name: str) -> AttentionFn:
     if name not in _IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {name!r}; known: {sorted(_IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"unknown attention implementation {name!r}; known: {sorted(_IMPLEMENTATIONS)}"
+        )
     return _IMPLEMENTATIONS[name]
 
 
@@ -53,7 +64,7 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_pos
     # Query heads of one group share a KV head: [b, t, kv_heads, groups, d].
     q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
+    scores = scores * (head_dim**-0.5)
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     # A finite floor keeps fully masked rows (padding queries) free of NaN.
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)

@@ -68,20 +68,28 @@ class QwenConfig:
     eos_token_id: int = 151_643
 
     def __post_init__(self):
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"QwenConfig.{name}={value!r} must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"QwenConfig: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"QwenConfig: hidden_size={self.hidden_size} is not divisible by "
-                    f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly")
+                    f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.head_dim % 2:
             raise ValueError(f"QwenConfig.head_dim={self.head_dim} must be even for RoPE")
@@ -102,26 +110,34 @@ class QwenConfig:
         if hf.get("model_type", "qwen2") != "qwen2" or HF_ARCHITECTURE not in architectures:
             raise ValueError(
                 f"{source}: unsupported architecture model_type={hf.get('model_type')!r} "
-                f"architectures={architectures!r}; qwen_jax reads {HF_ARCHITECTURE} (model_type 'qwen2')")
+                f"architectures={architectures!r}; qwen_jax reads {HF_ARCHITECTURE} (model_type 'qwen2')"
+            )
         if hf.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported (Qwen2.5 does not use it)")
+            raise ValueError(
+                f"{source}: use_sliding_window=true is not supported (Qwen2.5 does not use it)"
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}; Qwen2.5 uses 'silu'")
         # transformers v5 folds rope_theta and rope_scaling into rope_parameters.
         rope = dict(hf.get("rope_parameters") or {})
         legacy_scaling = hf.get("rope_scaling") or {}
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
-        scaling_type = legacy_scaling.get("type") or legacy_scaling.get("rope_type") or rope.get("rope_type")
+        scaling_type = (
+            legacy_scaling.get("type") or legacy_scaling.get("rope_type") or rope.get("rope_type")
+        )
         scaling = None
         if scaling_type not in (None, "default"):
             params = legacy_scaling or rope
             if scaling_type != "yarn":
-                raise ValueError(f"{source}: rope scaling type {scaling_type!r} is not supported (only yarn)")
+                raise ValueError(
+                    f"{source}: rope scaling type {scaling_type!r} is not supported (only yarn)"
+                )
             scaling = RopeScaling(
                 factor=float(params["factor"]),
                 original_max_position_embeddings=int(params["original_max_position_embeddings"]),
                 beta_fast=float(params.get("beta_fast") or 32.0),
-                beta_slow=float(params.get("beta_slow") or 1.0))
+                beta_slow=float(params.get("beta_slow") or 1.0),
+            )
         eos = hf.get("eos_token_id", 151_643)
         try:
             return cls(

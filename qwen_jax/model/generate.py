@@ -69,10 +69,18 @@ def prompt_positions(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def generate(model: Qwen2ForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, *,
-             max_new_tokens: int, stop_tokens: Sequence[int], sampling: Sampling = Sampling(),
-             rng: jax.Array | None = None, pad_id: int | None = None, cache_dtype=None,
-             ) -> tuple[jax.Array, jax.Array]:
+def generate(
+    model: Qwen2ForCausalLM,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    stop_tokens: Sequence[int],
+    sampling: Sampling = Sampling(),
+    rng: jax.Array | None = None,
+    pad_id: int | None = None,
+    cache_dtype=None,
+) -> tuple[jax.Array, jax.Array]:
     """Continues left-padded prompts [batch, prompt_len] by up to `max_new_tokens`.
 
     Returns (tokens [batch, max_new_tokens], lengths [batch]). A row's length counts its tokens up
@@ -86,21 +94,51 @@ def generate(model: Qwen2ForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Ar
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     if prompt_ids.shape != prompt_mask.shape:
-        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} differ")
+        raise ValueError(
+            f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} differ"
+        )
     if not bool(jnp.all(prompt_mask[:, -1] == 1)):
         raise ValueError("prompts must be left-padded: prompt_mask[:, -1] must be 1 in every row")
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens,
-                     stop_tokens=tuple(int(t) for t in stop_tokens), sampling=sampling,
-                     pad_id=int(stop_tokens[0] if pad_id is None else pad_id),
-                     cache_dtype=jnp.dtype(cache_dtype or model.runtime.compute_dtype))
+    return _generate(
+        graphdef,
+        state,
+        prompt_ids,
+        prompt_mask,
+        rng,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=tuple(int(t) for t in stop_tokens),
+        sampling=sampling,
+        pad_id=int(stop_tokens[0] if pad_id is None else pad_id),
+        cache_dtype=jnp.dtype(cache_dtype or model.runtime.compute_dtype),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_tokens",
-                                             "sampling", "pad_id", "cache_dtype"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, max_new_tokens, stop_tokens,
-              sampling, pad_id, cache_dtype):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "max_new_tokens",
+        "stop_tokens",
+        "sampling",
+        "pad_id",
+        "cache_dtype",
+    ),
+)
+def _generate(
+    graphdef,
+    state,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    *,
+    max_new_tokens,
+    stop_tokens,
+    sampling,
+    pad_id,
+    cache_dtype,
+):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_ids.shape
     cache = KVCache.create(model.config, batch, prompt_len + max_new_tokens, cache_dtype)
@@ -120,12 +158,20 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         tokens = tokens.at[:, step].set(token)
         done = done | jnp.isin(token, stops)
         position = position + 1
-        hidden, cache = model.hidden_states(token[:, None], position[:, None],
-                                            jnp.ones((batch, 1), jnp.int32), cache)
+        hidden, cache = model.hidden_states(
+            token[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32), cache
+        )
         return step + 1, cache, model.logits(hidden)[:, 0], position, rng, done, tokens
 
-    init = (jnp.zeros((), jnp.int32), cache, logits, positions[:, -1], rng,
-            jnp.zeros((batch,), bool), jnp.full((batch, max_new_tokens), pad_id, jnp.int32))
+    init = (
+        jnp.zeros((), jnp.int32),
+        cache,
+        logits,
+        positions[:, -1],
+        rng,
+        jnp.zeros((batch,), bool),
+        jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+    )
     *_, tokens = jax.lax.while_loop(cond, body, init)
     is_stop = jnp.isin(tokens, stops)
     first_stop = jnp.where(is_stop.any(axis=1), jnp.argmax(is_stop, axis=1) + 1, max_new_tokens)

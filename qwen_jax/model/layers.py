@@ -39,24 +39,31 @@ class Runtime:
         return jnp.dtype(self.dtype)
 
 
-def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtype) -> nnx.Param:
+def make_param(
+    rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str], dtype
+) -> nnx.Param:
     # Logical names live in `out_sharding`; eager sharding is off because parameters are placed
     # by the jitted initializer's output shardings, never at construction.
-    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
-                     eager_sharding=False)
+    return nnx.Param(
+        init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False
+    )
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, size: int, eps: float, runtime: Runtime, *, rngs: nnx.Rngs):
         self.eps = eps
         self.runtime = runtime
-        self.scale = make_param(rngs, nnx.initializers.ones, (size,), ("norm",), runtime.param_dtype)
+        self.scale = make_param(
+            rngs, nnx.initializers.ones, (size,), ("norm",), runtime.param_dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in float32 as transformers does, whatever the compute dtype.
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.runtime.compute_dtype) * normed.astype(self.runtime.compute_dtype)
+        return self.scale[...].astype(self.runtime.compute_dtype) * normed.astype(
+            self.runtime.compute_dtype
+        )
 
 
 class Qwen2Attention(nnx.Module):
@@ -68,14 +75,36 @@ class Qwen2Attention(nnx.Module):
         normal = nnx.initializers.normal(config.initializer_range)
         zeros = nnx.initializers.zeros
         dt = runtime.param_dtype
-        self.q_proj = Projection(rngs, normal, (h, nq, d), ("embed", "q_heads", "head_dim"),
-                                 zeros, ("q_heads", "head_dim"), dt)
-        self.k_proj = Projection(rngs, normal, (h, nkv, d), ("embed", "kv_heads", "head_dim"),
-                                 zeros, ("kv_heads", "head_dim"), dt)
-        self.v_proj = Projection(rngs, normal, (h, nkv, d), ("embed", "kv_heads", "head_dim"),
-                                 zeros, ("kv_heads", "head_dim"), dt)
-        self.o_proj = Projection(rngs, normal, (nq, d, h), ("q_heads", "head_dim", "embed"),
-                                 None, None, dt)
+        self.q_proj = Projection(
+            rngs,
+            normal,
+            (h, nq, d),
+            ("embed", "q_heads", "head_dim"),
+            zeros,
+            ("q_heads", "head_dim"),
+            dt,
+        )
+        self.k_proj = Projection(
+            rngs,
+            normal,
+            (h, nkv, d),
+            ("embed", "kv_heads", "head_dim"),
+            zeros,
+            ("kv_heads", "head_dim"),
+            dt,
+        )
+        self.v_proj = Projection(
+            rngs,
+            normal,
+            (h, nkv, d),
+            ("embed", "kv_heads", "head_dim"),
+            zeros,
+            ("kv_heads", "head_dim"),
+            dt,
+        )
+        self.o_proj = Projection(
+            rngs, normal, (nq, d, h), ("q_heads", "head_dim", "embed"), None, None, dt
+        )
 
     def __call__(self, x, cos, sin, *, segment_ids, positions, kv_cache=None):
         """x [b, t, embed]. With `kv_cache` = (keys, values, kv_segment_ids, kv_positions, index),
@@ -95,8 +124,14 @@ class Qwen2Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             new_cache = (k, v)
         out = attention_lib.get(self.runtime.attention_impl)(
-            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-            q_positions=positions, kv_positions=kv_positions)
+            q,
+            k,
+            v,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            q_positions=positions,
+            kv_positions=kv_positions,
+        )
         out = checkpoint_name(out, "attn_out")
         out = checkpoint_name(self.o_proj(out, "bthk,hkd->btd", dtype), "out_proj")
         return constrain(out, BATCH_LENGTH_EMBED), new_cache
@@ -107,8 +142,11 @@ class Projection(nnx.Module):
 
     def __init__(self, rngs, kernel_init, shape, names, bias_init, bias_names, param_dtype):
         self.kernel = make_param(rngs, kernel_init, shape, names, param_dtype)
-        self.bias = (make_param(rngs, bias_init, shape[1:], bias_names, param_dtype)
-                     if bias_init is not None else None)
+        self.bias = (
+            make_param(rngs, bias_init, shape[1:], bias_names, param_dtype)
+            if bias_init is not None
+            else None
+        )
 
     def __call__(self, x, equation: str, dtype) -> jax.Array:
         y = jnp.einsum(equation, x.astype(dtype), self.kernel[...].astype(dtype))
@@ -131,8 +169,9 @@ class Qwen2MLP(nnx.Module):
         dtype = self.runtime.compute_dtype
         gate = checkpoint_name(self.gate_proj(x, "btd,dm->btm", dtype), "mlp_gate_up")
         up = checkpoint_name(self.up_proj(x, "btd,dm->btm", dtype), "mlp_gate_up")
-        hidden = constrain(jax.nn.silu(gate) * up,
-                           ("activation_batch", "activation_length", "activation_mlp"))
+        hidden = constrain(
+            jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+        )
         out = checkpoint_name(self.down_proj(hidden, "btm,md->btd", dtype), "mlp_out")
         return constrain(out, BATCH_LENGTH_EMBED)
 
@@ -141,14 +180,20 @@ class Qwen2DecoderLayer(nnx.Module):
     def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime, rngs=rngs)
         self.self_attn = Qwen2Attention(config, runtime, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime,
-                                                rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, runtime, rngs=rngs
+        )
         self.mlp = Qwen2MLP(config, runtime, rngs=rngs)
 
     def __call__(self, x, cos, sin, *, segment_ids, positions, kv_cache=None):
-        attn_out, new_cache = self.self_attn(self.input_layernorm(x), cos, sin,
-                                             segment_ids=segment_ids, positions=positions,
-                                             kv_cache=kv_cache)
+        attn_out, new_cache = self.self_attn(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            segment_ids=segment_ids,
+            positions=positions,
+            kv_cache=kv_cache,
+        )
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, BATCH_LENGTH_EMBED), new_cache

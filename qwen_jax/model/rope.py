@@ -17,11 +17,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     inv_freq = (1.0 / pos_freqs).astype(np.float32)
     if scaling is None:
         return inv_freq
+
     # YaRN: keep high frequencies (fast rotations) as they are, interpolate the low ones by
     # `factor`, and blend linearly between the two correction dimensions.
     def correction_dim(num_rotations: float) -> float:
-        return (head_dim * math.log(scaling.original_max_position_embeddings
-                                    / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+        return (
+            head_dim
+            * math.log(scaling.original_max_position_embeddings / (num_rotations * 2 * math.pi))
+        ) / (2 * math.log(theta))
 
     low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
     high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
@@ -30,11 +33,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     extrapolation_weight = (1 - ramp).astype(np.float32)
     interpolated = (1.0 / (scaling.factor * pos_freqs)).astype(np.float32)
-    return (interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight).astype(np.float32)
+    return (interpolated * (1 - extrapolation_weight) + inv_freq * extrapolation_weight).astype(
+        np.float32
+    )
 
 
-def rotary_tables(positions: jnp.ndarray, head_dim: int, theta: float,
-                  scaling: RopeScaling | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+def rotary_tables(
+    positions: jnp.ndarray, head_dim: int, theta: float, scaling: RopeScaling | None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin of shape [batch, length, head_dim] for integer positions [batch, length]."""
     inv_freq = jnp.asarray(inverse_frequencies(head_dim, theta, scaling))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.model.config import QwenConfig
-from qwen_jax.model.layers import BATCH_LENGTH_EMBED, Qwen2DecoderLayer, RMSNorm, Runtime, make_param
+from qwen_jax.model.layers import (
+    BATCH_LENGTH_EMBED,
+    Qwen2DecoderLayer,
+    RMSNorm,
+    Runtime,
+    make_param,
+)
 from qwen_jax.model.rope import rotary_tables
 from qwen_jax.parallel.logical import constrain
 
@@ -22,7 +28,8 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
-        "qkv_proj", "attn_out", "out_proj"),
+        "qkv_proj", "attn_out", "out_proj"
+    ),
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out", "out_proj"),
 }
@@ -40,18 +47,32 @@ class KVCache(NamedTuple):
 
     @classmethod
     def create(cls, config: QwenConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((), jnp.int32))
+        shape = (
+            config.num_hidden_layers,
+            batch,
+            max_len,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        return cls(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, max_len), jnp.int32),
+            jnp.zeros((batch, max_len), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
 
 
 class Embedding(nnx.Module):
     def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
         self.runtime = runtime
-        self.embedding = make_param(rngs, nnx.initializers.normal(config.initializer_range),
-                                    (config.vocab_size, config.hidden_size), ("vocab", "embed"),
-                                    runtime.param_dtype)
+        self.embedding = make_param(
+            rngs,
+            nnx.initializers.normal(config.initializer_range),
+            (config.vocab_size, config.hidden_size),
+            ("vocab", "embed"),
+            runtime.param_dtype,
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.runtime.compute_dtype)
@@ -59,15 +80,21 @@ class Embedding(nnx.Module):
 
 class LMHead(nnx.Module):
     def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
-        self.kernel = make_param(rngs, nnx.initializers.normal(config.initializer_range),
-                                 (config.hidden_size, config.vocab_size), ("embed", "vocab"),
-                                 runtime.param_dtype)
+        self.kernel = make_param(
+            rngs,
+            nnx.initializers.normal(config.initializer_range),
+            (config.hidden_size, config.vocab_size),
+            ("embed", "vocab"),
+            runtime.param_dtype,
+        )
 
 
 class Qwen2ForCausalLM(nnx.Module):
     def __init__(self, config: QwenConfig, runtime: Runtime = Runtime(), *, rngs: nnx.Rngs):
         if runtime.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={runtime.remat_policy!r}; choose one of {REMAT_POLICIES}")
+            raise ValueError(
+                f"remat_policy={runtime.remat_policy!r}; choose one of {REMAT_POLICIES}"
+            )
         self.config = config
         self.runtime = runtime
         self.embed_tokens = Embedding(config, runtime, rngs=rngs)
@@ -89,17 +116,26 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         dtype = self.runtime.compute_dtype
-        out = jnp.einsum("btd,dv->btv", hidden.astype(dtype), self.output_kernel().astype(dtype),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "btd,dv->btv",
+            hidden.astype(dtype),
+            self.output_kernel().astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
         return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, cache: KVCache | None = None,
-                      ) -> tuple[jax.Array, KVCache | None]:
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Final normed hidden states [batch, length, embed], and the updated cache if one is given."""
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32),
-                                         input_ids.shape)
+            positions = jnp.broadcast_to(
+                jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
+            )
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
         config = self.config
@@ -111,8 +147,11 @@ class Qwen2ForCausalLM(nnx.Module):
         if cache is not None:
             index = cache.index
             cache = cache._replace(
-                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index)),
-                positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)))
+                segment_ids=jax.lax.dynamic_update_slice(
+                    cache.segment_ids, segment_ids, (0, index)
+                ),
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions, (0, index)),
+            )
             kv_shared = (cache.segment_ids, cache.positions, index)
             layer_caches = (cache.keys, cache.values)
 
@@ -122,21 +161,28 @@ class Qwen2ForCausalLM(nnx.Module):
             state, kv = scanned
             layer = nnx.merge(graphdef, state)
             kv_cache = None if kv is None else (*kv, *kv_shared)
-            carry, new_kv = layer(carry, cos, sin, segment_ids=segment_ids, positions=positions,
-                                  kv_cache=kv_cache)
+            carry, new_kv = layer(
+                carry, cos, sin, segment_ids=segment_ids, positions=positions, kv_cache=kv_cache
+            )
             return carry, new_kv
 
         if self.runtime.remat_policy != "none":
-            apply_layer = jax.checkpoint(apply_layer, policy=_REMAT_POLICIES[self.runtime.remat_policy],
-                                         prevent_cse=False)
+            apply_layer = jax.checkpoint(
+                apply_layer, policy=_REMAT_POLICIES[self.runtime.remat_policy], prevent_cse=False
+            )
         x, new_kv = jax.lax.scan(apply_layer, x, (layer_state, layer_caches))
         if cache is not None:
-            cache = cache._replace(keys=new_kv[0], values=new_kv[1],
-                                   index=cache.index + input_ids.shape[1])
+            cache = cache._replace(
+                keys=new_kv[0], values=new_kv[1], index=cache.index + input_ids.shape[1]
+            )
         return self.norm(x), cache
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits [batch, length, vocab] in float32."""
         hidden, _ = self.hidden_states(input_ids, positions, segment_ids)
         return self.logits(hidden)

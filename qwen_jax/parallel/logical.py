@@ -30,8 +30,10 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules) -> Partiti
             spec.append(None)
             continue
         if name not in table:
-            raise ValueError(f"logical axis {name!r} has no entry in the sharding rules "
-                             f"(known: {sorted(table)}); add it to the rules table in gin")
+            raise ValueError(
+                f"logical axis {name!r} has no entry in the sharding rules "
+                f"(known: {sorted(table)}); add it to the rules table in gin"
+            )
         target = table[name]
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         # An axis already used by an earlier dimension leaves this one unsharded on it.

@@ -48,25 +48,32 @@ class MeshConfig:
         inferred = [axis for axis, size in sizes.items() if size == -1]
         bad = [f"{axis}={size}" for axis, size in sizes.items() if size == 0 or size < -1]
         if bad or len(inferred) > 1:
-            raise ValueError(f"MeshConfig: {', '.join(bad) or inferred} invalid: sizes must be "
-                             f"positive, with at most one -1 (inferred)")
+            raise ValueError(
+                f"MeshConfig: {', '.join(bad) or inferred} invalid: sizes must be "
+                f"positive, with at most one -1 (inferred)"
+            )
         known = math.prod(size for size in sizes.values() if size != -1)
         if inferred:
             if num_devices % known:
-                raise ValueError(f"MeshConfig {sizes}: the fixed axes multiply to {known}, which "
-                                 f"does not divide the {num_devices} devices")
+                raise ValueError(
+                    f"MeshConfig {sizes}: the fixed axes multiply to {known}, which "
+                    f"does not divide the {num_devices} devices"
+                )
             sizes[inferred[0]] = num_devices // known
         elif known != num_devices:
-            raise ValueError(f"MeshConfig {sizes}: axis sizes multiply to {known}, but there are "
-                             f"{num_devices} devices")
+            raise ValueError(
+                f"MeshConfig {sizes}: axis sizes multiply to {known}, but there are "
+                f"{num_devices} devices"
+            )
         return sizes
 
 
 @gin.configurable
 def logical_rules(rules: Sequence[tuple[str, Any]] = gin.REQUIRED) -> tuple:
     """The rules table bound in gin, as hashable tuples."""
-    return tuple((name, tuple(target) if isinstance(target, list) else target)
-                 for name, target in rules)
+    return tuple(
+        (name, tuple(target) if isinstance(target, list) else target) for name, target in rules
+    )
 
 
 @gin.configurable
@@ -82,10 +89,12 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = 
         grid = np.asarray(devices).reshape(shape)
     elif num_slices > 1:
         if sizes["slice"] != num_slices:
-            raise ValueError(f"MeshConfig.slice={sizes['slice']} but the devices span "
-                             f"{num_slices} slices")
+            raise ValueError(
+                f"MeshConfig.slice={sizes['slice']} but the devices span {num_slices} slices"
+            )
         grid = mesh_utils.create_hybrid_device_mesh(
-            (1, *shape[1:]), (num_slices, 1, 1, 1, 1), devices, allow_split_physical_axes=True)
+            (1, *shape[1:]), (num_slices, 1, 1, 1, 1), devices, allow_split_physical_axes=True
+        )
     else:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
@@ -97,8 +106,10 @@ def validate_rules(rules: LogicalRules, mesh: Mesh) -> None:
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         unknown = [axis for axis in axes if axis not in mesh.axis_names]
         if unknown:
-            raise ValueError(f"sharding rule {name!r} -> {target!r} names mesh axis {unknown} "
-                             f"unknown to the mesh {tuple(mesh.axis_names)}")
+            raise ValueError(
+                f"sharding rule {name!r} -> {target!r} names mesh axis {unknown} "
+                f"unknown to the mesh {tuple(mesh.axis_names)}"
+            )
 
 
 def spec_size(mesh: Mesh, spec: PartitionSpec, dim: int) -> int:
@@ -108,28 +119,36 @@ def spec_size(mesh: Mesh, spec: PartitionSpec, dim: int) -> int:
     return math.prod(mesh.shape[axis] for axis in axes)
 
 
-def named_sharding(mesh: Mesh, rules: LogicalRules, names: Sequence[str | None],
-                   shape: Sequence[int], what: str) -> NamedSharding:
+def named_sharding(
+    mesh: Mesh, rules: LogicalRules, names: Sequence[str | None], shape: Sequence[int], what: str
+) -> NamedSharding:
     """The sharding of one array of logical `names`, checking every sharded dimension divides."""
     spec = logical_to_spec(names, rules)
     for dim, (size, name) in enumerate(zip(shape, names)):
         shards = spec_size(mesh, spec, dim)
         if size % shards:
-            raise ValueError(f"{what}: dimension {dim} ({name!r}, size {size}) is not divisible "
-                             f"by the {shards} shards of mesh axes {spec[dim]!r}")
+            raise ValueError(
+                f"{what}: dimension {dim} ({name!r}, size {size}) is not divisible "
+                f"by the {shards} shards of mesh axes {spec[dim]!r}"
+            )
     return NamedSharding(mesh, spec)
 
 
 def logical_names(params: nnx.State) -> dict:
     """Pure-dict tree of each parameter's logical axis names (nnx `out_sharding` metadata)."""
+
     def names(path, variable):
         axes = variable.get_metadata().get("out_sharding")
         if axes is None or len(axes) != len(variable.shape):
-            raise ValueError(f"parameter {jax.tree_util.keystr(path)} has no logical axis names "
-                             f"matching its shape {variable.shape}: {axes}")
+            raise ValueError(
+                f"parameter {jax.tree_util.keystr(path)} has no logical axis names "
+                f"matching its shape {variable.shape}: {axes}"
+            )
         return tuple(axes)
+
     mapped = jax.tree_util.tree_map_with_path(
-        names, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        names, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
     return nnx.State(mapped).to_pure_dict() if isinstance(mapped, nnx.State) else mapped
 
 
@@ -139,24 +158,33 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: LogicalRules)
     shapes = abstract_params.to_pure_dict()
     names = logical_names(abstract_params)
     return jax.tree_util.tree_map_with_path(
-        lambda path, shape, axes: named_sharding(mesh, rules, axes, shape.shape,
-                                                 f"parameter {jax.tree_util.keystr(path)}"),
-        shapes, names, is_leaf=lambda x: isinstance(x, tuple))
+        lambda path, shape, axes: named_sharding(
+            mesh, rules, axes, shape.shape, f"parameter {jax.tree_util.keystr(path)}"
+        ),
+        shapes,
+        names,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
 
 
 def check_batch(mesh: Mesh, batch_size: int, seq_len: int | None = None) -> None:
     data_shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     if batch_size % data_shards:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {data_shards} data "
-                         f"shards (mesh axes {BATCH_AXES} = "
-                         f"{[mesh.shape[a] for a in BATCH_AXES]})")
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {data_shards} data "
+            f"shards (mesh axes {BATCH_AXES} = "
+            f"{[mesh.shape[a] for a in BATCH_AXES]})"
+        )
     if seq_len is not None and seq_len % mesh.shape["sequence"]:
-        raise ValueError(f"sequence length {seq_len} is not divisible by the sequence axis "
-                         f"({mesh.shape['sequence']})")
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by the sequence axis "
+            f"({mesh.shape['sequence']})"
+        )
 
 
-def batch_sharding(mesh: Mesh, rules: LogicalRules, batch_size: int,
-                   seq_len: int | None = None) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, rules: LogicalRules, batch_size: int, seq_len: int | None = None
+) -> NamedSharding:
     """Sharding of a [batch, length, ...] token array by the rules' `activation_batch` and
     `activation_length`."""
     check_batch(mesh, batch_size, seq_len)
@@ -166,9 +194,11 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules, batch_size: int,
 
 def batch_shardings(mesh: Mesh, rules: LogicalRules, batch: Mapping[str, Any]) -> dict:
     """Shardings for a dict of [batch, length] (or [batch]) arrays or ShapeDtypeStructs."""
+
     def one(x):
         shape = x.shape
         return batch_sharding(mesh, rules, shape[0], shape[1] if len(shape) > 1 else None)
+
     return {key: one(value) for key, value in batch.items()}
 
 
@@ -178,5 +208,7 @@ def check_model_fits_mesh(config, mesh: Mesh) -> None:
     for field in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(config, field)
         if heads % tensor:
-            raise ValueError(f"QwenConfig.{field}={heads} is not divisible by the tensor axis "
-                             f"of the mesh ({tensor})")
+            raise ValueError(
+                f"QwenConfig.{field}={heads} is not divisible by the tensor axis "
+                f"of the mesh ({tensor})"
+            )

@@ -36,8 +36,15 @@ def shard_mapped(fn: attention_lib.AttentionFn) -> attention_lib.AttentionFn:
     def wrapped(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
         context = logical.active()
         if context is None:
-            return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                      q_positions=q_positions, kv_positions=kv_positions)
+            return fn(
+                q,
+                k,
+                v,
+                q_segment_ids=q_segment_ids,
+                kv_segment_ids=kv_segment_ids,
+                q_positions=q_positions,
+                kv_positions=kv_positions,
+            )
         mesh, rules = context
         q_spec = logical.logical_to_spec(_Q, rules)
         kv_spec = logical.logical_to_spec(_KV, rules)
@@ -47,16 +54,26 @@ def shard_mapped(fn: attention_lib.AttentionFn) -> attention_lib.AttentionFn:
 
         def per_shard(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
             if seq_axes and any(mesh.shape[a] > 1 for a in seq_axes):
-                gather = functools.partial(jax.lax.all_gather, axis_name=seq_axes, axis=1,
-                                           tiled=True)
+                gather = functools.partial(
+                    jax.lax.all_gather, axis_name=seq_axes, axis=1, tiled=True
+                )
                 k, v, kv_seg, kv_pos = gather(k), gather(v), gather(kv_seg), gather(kv_pos)
-            return fn(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
-                      kv_positions=kv_pos)
+            return fn(
+                q,
+                k,
+                v,
+                q_segment_ids=q_seg,
+                kv_segment_ids=kv_seg,
+                q_positions=q_pos,
+                kv_positions=kv_pos,
+            )
 
         return jax.shard_map(
-            per_shard, mesh=mesh,
+            per_shard,
+            mesh=mesh,
             in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec, token_spec, token_spec),
-            out_specs=q_spec, check_vma=False,
+            out_specs=q_spec,
+            check_vma=False,
         )(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
 
     return wrapped
@@ -78,16 +95,32 @@ def query_blocked(fn: attention_lib.AttentionFn) -> attention_lib.AttentionFn:
         block = query_block_size()
         length = q.shape[1]
         if not block or length <= block or length % block:
-            return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                      q_positions=q_positions, kv_positions=kv_positions)
+            return fn(
+                q,
+                k,
+                v,
+                q_segment_ids=q_segment_ids,
+                kv_segment_ids=kv_segment_ids,
+                q_positions=q_positions,
+                kv_positions=kv_positions,
+            )
         n = length // block
-        split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+
+        def split(x):
+            return jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
 
         @jax.checkpoint
         def one(blocks):
             q_block, segments, positions = blocks
-            return fn(q_block, k, v, q_segment_ids=segments, kv_segment_ids=kv_segment_ids,
-                      q_positions=positions, kv_positions=kv_positions)
+            return fn(
+                q_block,
+                k,
+                v,
+                q_segment_ids=segments,
+                kv_segment_ids=kv_segment_ids,
+                q_positions=positions,
+                kv_positions=kv_positions,
+            )
 
         out = jax.lax.map(one, (split(q), split(q_segment_ids), split(q_positions)))
         return jnp.moveaxis(out, 0, 1).reshape(q.shape)
@@ -95,5 +128,4 @@ def query_blocked(fn: attention_lib.AttentionFn) -> attention_lib.AttentionFn:
     return blocked
 
 
-attention_lib.register("sequence_sharded")(
-    shard_mapped(query_blocked(attention_lib.xla_attention)))
+attention_lib.register("sequence_sharded")(shard_mapped(query_blocked(attention_lib.xla_attention)))

@@ -1,10 +1,12 @@
 """`python -m qwen_jax.train --gin_file=A.gin [--gin_file=B.gin ...] [--gin_param=NAME=VALUE ...]
 --workdir=DIR`: trains what the gin files describe (pre-training, SFT or DPO), resuming from the
-newest checkpoint in DIR.
+newest checkpoint in DIR. Without a mesh gin file, every local device goes on the `fsdp` axis
+(`qwen_jax.cli.DEFAULT_MESH_FILE`).
 
-Bad input (an unknown gin parameter, a missing data path, a checkpoint of another model, a
-workdir of another run) ends with one line naming the problem and exit status 1; nothing in the
-workdir is overwritten.
+Bad input (an unknown or missing gin value, a missing data path, a data file in an unknown
+format, a tokenizer that does not belong to the model, a checkpoint of another model, a workdir
+of another run) ends with one line naming the problem and exit status 1; nothing in the workdir
+is overwritten.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import sys
 
 from absl import app, flags, logging
 
-FLAGS = flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order")
-PARAMS = flags.DEFINE_multi_string("gin_param", [], "gin bindings applied after the files")
+from qwen_jax import cli
+
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and TensorBoard events")
 MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "join the other hosts of a TPU slice or GPU cluster (jax.distributed); "
-    "the coordinator, process count and index come from the TPU metadata or Slurm")
+    "multihost",
+    False,
+    "join the other hosts of a TPU slice or GPU cluster (jax.distributed); "
+    "the coordinator, process count and index come from the TPU metadata or Slurm",
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -27,19 +32,19 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import gin
     import jax
+
     if MULTIHOST.value:
         jax.distributed.initialize()
-    from qwen_jax.data.bad_records import BadInputError
     from qwen_jax.train import loop
-    try:
-        loop.parse_gin(FLAGS.value, PARAMS.value)
+
+    def train():
+        cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value, default_mesh=True)
         result = loop.train(WORKDIR.value)
-    except (ValueError, FileNotFoundError, BadInputError, loop.NonFiniteError) as e:
-        logging.debug("error", exc_info=True)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    logging.info("done at step %d; operative config:\n%s", result.step, gin.operative_config_str())
-    return 0
+        logging.info(
+            "done at step %d; operative config:\n%s", result.step, gin.operative_config_str()
+        )
+
+    return cli.run(train)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """The embedded end-to-end demo: pre-train, SFT, DPO and export a tiny Qwen2.5-architecture model
 on the synthetic corpus shipped with qwen_jax, on a laptop CPU.
 
-  python -m qwen_jax.train.demo --workdir=/tmp/demo [--gin_file=configs/demo/ci.gin] [--gin_param=...]
+  python -m qwen_jax.train.demo --workdir=/tmp/demo [--seed=0] [--gin_file=configs/demo/ci.gin]
+      [--gin_param=...]
 
 Phases (each a `qwen_jax.train` run with its own gin file, in workdir/<phase>; extra --gin_file
 and --gin_param apply to every phase, e.g. shorter runs in CI):
   1. pretrain  configs/demo/pretrain.gin: two stages, 128-token rows with RoPE theta 1e4, then
-               512-token rows with long documents and theta 1e6
-  2. sft       configs/demo/sft.gin, from the last pre-training step
+               512-token rows with long documents and theta 1e6; names the demo tokenizer
+  2. sft       configs/demo/sft.gin, from the last pre-training step (and its tokenizer)
   3. dpo       configs/demo/dpo.gin, from the last SFT step (also the frozen reference)
-  4. export    workdir/hf: a Hugging Face checkpoint with the demo tokenizer
+  4. export    workdir/hf: a Hugging Face checkpoint with the tokenizer that travelled along
 It ends with a table of before/after figures, also written to workdir/demo_results.json.
 A phase already completed in the workdir resumes (and so is skipped) on a second invocation.
 """
@@ -23,25 +24,36 @@ import sys
 
 from absl import app, flags, logging
 
-GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "extra gin files for every phase")
-GIN_PARAMS = flags.DEFINE_multi_string("gin_param", [], "extra gin bindings for every phase")
+from qwen_jax import cli
+
 WORKDIR = flags.DEFINE_string("workdir", None, "where data, checkpoints and the export go")
+SEED = flags.DEFINE_integer("seed", 0, "seed of every phase (initialization, data order)")
 flags.mark_flag_as_required("workdir")
 
 
 def _data_bindings(paths: dict[str, str]) -> list[str]:
-    macros = {"PRETRAIN_TEXT": "pretrain.jsonl", "LONG_TEXT": "long_docs.jsonl",
-              "PRETRAIN_EVAL_TEXT": "pretrain_eval.jsonl", "CHAT_TRAIN": "chat_train.jsonl",
-              "CHAT_EVAL": "chat_eval.jsonl", "PREFERENCE_TRAIN": "preference_train.jsonl",
-              "PREFERENCE_EVAL": "preference_eval.jsonl"}
+    macros = {
+        "PRETRAIN_TEXT": "pretrain.jsonl",
+        "LONG_TEXT": "long_docs.jsonl",
+        "PRETRAIN_EVAL_TEXT": "pretrain_eval.jsonl",
+        "CHAT_TRAIN": "chat_train.jsonl",
+        "CHAT_EVAL": "chat_eval.jsonl",
+        "PREFERENCE_TRAIN": "preference_train.jsonl",
+        "PREFERENCE_EVAL": "preference_eval.jsonl",
+    }
     return [f"{macro} = '{paths[name]}'" for macro, name in macros.items()]
 
 
 def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str]):
+    """One `qwen_jax.train` run; the --gin_file/--gin_param flags apply to every phase."""
     import gin
     from qwen_jax.train import loop
+
     gin.clear_config()
-    loop.parse_gin([gin_file, *GIN_FILES.value], bindings + GIN_PARAMS.value)
+    cli.parse_gin(
+        [gin_file, *cli.GIN_FILE.value],
+        [*bindings, f"loop.train.seed = {SEED.value}", *cli.GIN_PARAM.value],
+    )
     logging.info("demo phase %s -> %s", name, workdir)
     return loop.train(os.path.join(workdir, name))
 
@@ -50,29 +62,58 @@ def last_step_dir(result) -> str:
     return os.path.join(result.workdir, "checkpoints", str(result.step))
 
 
-def export(step_dir: str, output_dir: str, tokenizer_path: str) -> None:
+def export(step_dir: str, output_dir: str) -> None:
     from qwen_jax.checkpoint import model_io
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
+
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)  # the demo's own output, rebuilt from the final step
-    from qwen_jax.data.tokenizer import Tokenizer
     model = model_io.load_model(step_dir, Runtime(param_dtype="float32"))
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    hf.save_model(model, output_dir, dtype="float32",
-                  generation_config={"eos_token_id": [tokenizer.im_end_id, tokenizer.eos_id]},
-                  tokenizer_dir=os.path.dirname(tokenizer_path))
+    hf.save_model(
+        model, output_dir, dtype="float32", tokenizer_dir=model_io.tokenizer_dir(step_dir)
+    )
+
+
+def pretrain_recall(step_dir: str) -> dict[str, float]:
+    """The share of the demo world's questions, by kind, that the pre-trained model answers
+    right when asked as the pre-training text asks them ('Q: ...\nA:', greedy): what it knows
+    before SFT teaches the chat format."""
+    import numpy as np
+
+    from qwen_jax.checkpoint import model_io
+    from qwen_jax.data import demo_corpus
+    from qwen_jax.data.tokenizer import Tokenizer
+    from qwen_jax.train.evaluation import greedy_answers
+
+    model = model_io.load_model(step_dir)
+    tokenizer = Tokenizer.from_file(
+        os.path.join(model_io.tokenizer_dir(step_dir), "tokenizer.json")
+    )
+    recall = {}
+    for kind, questions in demo_corpus.recall_questions(demo_corpus.make_world()).items():
+        prompts = [
+            np.asarray([tokenizer.eos_id] + tokenizer.encode(f"Q: {q}\nA:"), np.int32)
+            for q, _ in questions
+        ]
+        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=4)
+        recall[kind] = float(
+            np.mean([(a.split() or [""])[0] == right for a, (_, right) in zip(answers, questions)])
+        )
+    return recall
 
 
 def figures_table(results: dict) -> str:
-    rows = [("pre-training loss (first -> last logged)", "pretrain_loss"),
-            ("pre-training eval loss", "pretrain_eval_loss"),
-            ("SFT eval loss", "sft_eval_loss"),
-            ("SFT exact match (greedy)", "sft_exact_match"),
-            ("DPO preference accuracy (policy log p chosen > rejected)", "dpo_preference_accuracy"),
-            ("DPO greedy answer == chosen", "dpo_greedy_chosen_rate"),
-            ("DPO eval rewards/accuracies (TRL)", "dpo_rewards_accuracies")]
-    lines = [f"{'figure':60s} {'before':>8s} {'after':>8s}"]
+    rows = [
+        ("pre-training loss (first -> last logged)", "pretrain_loss"),
+        ("pre-training eval loss", "pretrain_eval_loss"),
+        ("SFT eval loss", "sft_eval_loss"),
+        ("SFT exact match, held-out arithmetic (greedy)", "sft_exact_match"),
+        ("DPO preference accuracy (policy log p chosen > rejected)", "dpo_preference_accuracy"),
+        ("DPO greedy answer == chosen", "dpo_greedy_chosen_rate"),
+        ("DPO eval rewards/accuracies (TRL)", "dpo_rewards_accuracies"),
+    ]
+    lines = [f"{'figure':60s} {'before':>8s} {'after':>8s}"]  # held-out data unless named
     for label, key in rows:
         before, after = results[key]
         lines.append(f"{label:60s} {_fmt(before):>8s} {_fmt(after):>8s}")
@@ -86,38 +127,68 @@ def _fmt(x) -> str:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    return cli.run(run_demo)
+
+
+def run_demo() -> None:
     from qwen_jax.data import demo_corpus
-    from qwen_jax.train import loop
+    from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
+
     workdir = os.path.abspath(WORKDIR.value)
     paths = demo_corpus.write_demo_data(os.path.join(workdir, "data"))
     data = _data_bindings(paths)
 
-    pretrain = run_phase("pretrain", "configs/demo/pretrain.gin", workdir, data)
-    sft = run_phase("sft", "configs/demo/sft.gin", workdir,
-                    data + [f"INIT_FROM = '{last_step_dir(pretrain)}'"])
-    dpo = run_phase("dpo", "configs/demo/dpo.gin", workdir,
-                    data + [f"INIT_FROM = '{last_step_dir(sft)}'"])
-    export(last_step_dir(dpo), os.path.join(workdir, "hf"), loop.DEMO_TOKENIZER)
+    pretrain = run_phase(
+        "pretrain",
+        "configs/demo/pretrain.gin",
+        workdir,
+        data + [f"loop.train.tokenizer_path = '{DEMO_TOKENIZER_PATH}'"],
+    )
+    sft = run_phase(
+        "sft", "configs/demo/sft.gin", workdir, data + [f"INIT_FROM = '{last_step_dir(pretrain)}'"]
+    )
+    dpo = run_phase(
+        "dpo", "configs/demo/dpo.gin", workdir, data + [f"INIT_FROM = '{last_step_dir(sft)}'"]
+    )
+    export(last_step_dir(dpo), os.path.join(workdir, "hf"))
+    recall = pretrain_recall(last_step_dir(pretrain))
 
     curve = _train_losses(pretrain.workdir)
     results = {
         "pretrain_loss": (curve[0], curve[-1]),
-        "pretrain_eval_loss": (None, pretrain.eval.get("loss")),
+        "pretrain_eval_loss": (pretrain.eval_at_start.get("loss"), pretrain.eval.get("loss")),
         "sft_eval_loss": (sft.eval_at_start.get("loss"), sft.eval.get("loss")),
         "sft_exact_match": (sft.eval_at_start.get("exact_match"), sft.eval.get("exact_match")),
-        "dpo_preference_accuracy": (dpo.eval_at_start.get("preference_accuracy"),
-                                    dpo.eval.get("preference_accuracy")),
-        "dpo_greedy_chosen_rate": (dpo.eval_at_start.get("greedy_chosen_rate"),
-                                   dpo.eval.get("greedy_chosen_rate")),
-        "dpo_rewards_accuracies": (dpo.eval_at_start.get("rewards/accuracies"),
-                                   dpo.eval.get("rewards/accuracies")),
+        "dpo_preference_accuracy": (
+            dpo.eval_at_start.get("preference_accuracy"),
+            dpo.eval.get("preference_accuracy"),
+        ),
+        "dpo_greedy_chosen_rate": (
+            dpo.eval_at_start.get("greedy_chosen_rate"),
+            dpo.eval.get("greedy_chosen_rate"),
+        ),
+        "dpo_rewards_accuracies": (
+            dpo.eval_at_start.get("rewards/accuracies"),
+            dpo.eval.get("rewards/accuracies"),
+        ),
     }
     with open(os.path.join(workdir, "demo_results.json"), "w") as f:
-        json.dump({**results, "steps": {"pretrain": pretrain.step, "sft": sft.step,
-                                        "dpo": dpo.step}}, f, indent=1)
+        json.dump(
+            {
+                **results,
+                "pretrain_recall": recall,
+                "seed": SEED.value,
+                "steps": {"pretrain": pretrain.step, "sft": sft.step, "dpo": dpo.step},
+            },
+            f,
+            indent=1,
+        )
     print(figures_table(results))
+    print(
+        "pre-trained model's recall of the demo world's questions (Q: ...\nA:, greedy): "
+        + ", ".join(f"{kind} {share:.3f}" for kind, share in recall.items())
+    )
     print(f"Hugging Face export: {os.path.join(workdir, 'hf')}")
-    return 0
 
 
 def _train_losses(run_dir: str) -> list[float]:

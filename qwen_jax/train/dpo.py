@@ -47,9 +47,13 @@ class DPOConfig:
         if self.beta <= 0:
             raise ValueError(f"DPOConfig.beta={self.beta} must be positive")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPOConfig.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+            raise ValueError(
+                f"DPOConfig.label_smoothing={self.label_smoothing} must be in [0, 0.5)"
+            )
         if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
-            raise ValueError(f"DPOConfig: label_smoothing has no meaning for loss_type={self.loss_type!r}")
+            raise ValueError(
+                f"DPOConfig: label_smoothing has no meaning for loss_type={self.loss_type!r}"
+            )
         if self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha={self.rpo_alpha} must be >= 0")
 
@@ -61,8 +65,9 @@ def preference_loss(config: DPOConfig, policy_chosen, policy_rejected, ref_chose
     if config.loss_type == "sigmoid":
         return -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
     if config.loss_type == "robust":
-        return ((-(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h))
-                / (1 - 2 * eps))
+        return (-(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)) / (
+            1 - 2 * eps
+        )
     if config.loss_type == "hinge":
         return jax.nn.relu(1 - beta * h)
     return (h - 1 / (2 * beta)) ** 2
@@ -75,12 +80,19 @@ def dpo_terms(config: DPOConfig, policy: dict, reference: dict, lengths: dict) -
     `lengths`: {'chosen': [B], 'rejected': [B]} response token counts (for IPO and RPO).
     """
     if config.loss_type == "ipo":
-        compared = {name: {s: logps[s] / jnp.maximum(lengths[s], 1) for s in SIDES}
-                    for name, logps in (("policy", policy), ("reference", reference))}
+        compared = {
+            name: {s: logps[s] / jnp.maximum(lengths[s], 1) for s in SIDES}
+            for name, logps in (("policy", policy), ("reference", reference))
+        }
     else:
         compared = {"policy": policy, "reference": reference}
-    losses = preference_loss(config, compared["policy"]["chosen"], compared["policy"]["rejected"],
-                             compared["reference"]["chosen"], compared["reference"]["rejected"])
+    losses = preference_loss(
+        config,
+        compared["policy"]["chosen"],
+        compared["policy"]["rejected"],
+        compared["reference"]["chosen"],
+        compared["reference"]["rejected"],
+    )
     if config.rpo_alpha:
         losses = losses - config.rpo_alpha * policy["chosen"] / jnp.maximum(lengths["chosen"], 1)
     chosen_rewards = config.beta * (policy["chosen"] - reference["chosen"])
@@ -119,12 +131,20 @@ def sequence_logprobs(model, batch: dict, *, chunk_size: int) -> tuple[dict, dic
     mask = both("loss_mask").astype(jnp.float32)
     summed, lengths = (logps * mask).sum(-1), mask.sum(-1)
     half = batch["chosen_inputs"].shape[0]
-    return ({"chosen": summed[:half], "rejected": summed[half:]},
-            {"chosen": lengths[:half], "rejected": lengths[half:]})
+    return (
+        {"chosen": summed[:half], "rejected": summed[half:]},
+        {"chosen": lengths[:half], "rejected": lengths[half:]},
+    )
 
 
-PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
+PAIR_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def make_dpo_loss_fn(config: DPOConfig, *, chunk_size: int = 2048):
@@ -141,8 +161,9 @@ def make_dpo_loss_fn(config: DPOConfig, *, chunk_size: int = 2048):
             graphdef, state = nnx.split(model)
             state = jax.tree.map(lambda x: x, state)  # a copy, so the policy's state is untouched
             nnx.replace_by_pure_dict(state, frozen)
-            reference, _ = sequence_logprobs(nnx.merge(graphdef, state), batch,
-                                             chunk_size=chunk_size)
+            reference, _ = sequence_logprobs(
+                nnx.merge(graphdef, state), batch, chunk_size=chunk_size
+            )
             reference = jax.lax.stop_gradient(reference)
         policy, lengths = sequence_logprobs(model, batch, chunk_size=chunk_size)
         terms = dpo_terms(config, policy, reference, lengths)

@@ -22,8 +22,9 @@ def _num_chunks(length: int, chunk_size: int) -> int:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
     chunk_size = min(chunk_size, length)
     if length % chunk_size:
-        raise ValueError(f"sequence length {length} is not a multiple of the loss chunk_size "
-                         f"{chunk_size}")
+        raise ValueError(
+            f"sequence length {length} is not a multiple of the loss chunk_size {chunk_size}"
+        )
     return length // chunk_size
 
 
@@ -41,8 +42,12 @@ def _unstrided(x: jax.Array) -> jax.Array:
 
 
 def _chunk_logits(hidden, output_kernel):
-    logits = jnp.einsum("btd,dv->btv", hidden, output_kernel.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "btd,dv->btv",
+        hidden,
+        output_kernel.astype(hidden.dtype),
+        preferred_element_type=jnp.float32,
+    )
     return constrain(logits, _LOGITS)
 
 
@@ -54,9 +59,15 @@ def _target_terms(hidden, output_kernel, targets):
     return lse, target
 
 
-def chunked_cross_entropy(hidden: jax.Array, output_kernel: jax.Array, targets: jax.Array,
-                          loss_mask: jax.Array, *, chunk_size: int, z_loss: float = 0.0,
-                          ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    output_kernel: jax.Array,
+    targets: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Summed (not averaged) loss over tokens with `loss_mask` > 0, and the summed mask weight.
 
     hidden [B, T, E] (compute dtype), output_kernel [E, V], targets and loss_mask [B, T].
@@ -77,13 +88,15 @@ def chunked_cross_entropy(hidden: jax.Array, output_kernel: jax.Array, targets: 
 
     zero = jnp.zeros((), jnp.float32)
     (nll_sum, z_sum), _ = jax.lax.scan(
-        body, (zero, zero), (_strided(hidden, n), _strided(targets, n), _strided(mask, n)))
+        body, (zero, zero), (_strided(hidden, n), _strided(targets, n), _strided(mask, n))
+    )
     loss_sum = nll_sum + z_loss * z_sum
     return loss_sum, jnp.sum(mask), {"nll_sum": nll_sum, "z_loss_sum": z_sum}
 
 
-def token_logprobs(hidden: jax.Array, output_kernel: jax.Array, targets: jax.Array, *,
-                   chunk_size: int) -> jax.Array:
+def token_logprobs(
+    hidden: jax.Array, output_kernel: jax.Array, targets: jax.Array, *, chunk_size: int
+) -> jax.Array:
     """log p(targets) per token [B, T] in float32, computed chunk by chunk (for DPO and eval)."""
     n = _num_chunks(hidden.shape[1], chunk_size)
 

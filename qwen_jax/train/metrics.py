@@ -50,8 +50,9 @@ def model_flops_per_token(config: QwenConfig, seq_len: int) -> float:
     matmul_params = parameter_count(config)
     if not config.tie_word_embeddings:
         matmul_params -= config.vocab_size * config.hidden_size
-    attention = (6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
-                 * seq_len)
+    attention = (
+        6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    )
     return 6 * matmul_params + attention
 
 
@@ -80,6 +81,7 @@ class MetricWriter:
         self._start = None
         if self._active:
             from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 

@@ -15,28 +15,43 @@ import optax
 
 
 @gin.configurable
-def warmup_cosine(peak_lr: float = gin.REQUIRED, warmup_steps: int = 0,
-                  total_steps: int = gin.REQUIRED, final_lr_fraction: float = 0.1) -> optax.Schedule:
+def warmup_cosine(
+    peak_lr: float = gin.REQUIRED,
+    warmup_steps: int = 0,
+    total_steps: int = gin.REQUIRED,
+    final_lr_fraction: float = 0.1,
+) -> optax.Schedule:
     """Linear warmup from 0 to `peak_lr`, then cosine decay to `final_lr_fraction * peak_lr`."""
     if total_steps <= warmup_steps:
-        raise ValueError(f"warmup_cosine: total_steps={total_steps} must exceed "
-                         f"warmup_steps={warmup_steps}")
+        raise ValueError(
+            f"warmup_cosine: total_steps={total_steps} must exceed warmup_steps={warmup_steps}"
+        )
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
-        decay_steps=total_steps, end_value=peak_lr * final_lr_fraction)
+        init_value=0.0,
+        peak_value=peak_lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=peak_lr * final_lr_fraction,
+    )
 
 
 @gin.configurable
-def warmup_stable_decay(peak_lr: float = gin.REQUIRED, warmup_steps: int = 0,
-                        stable_steps: int = gin.REQUIRED, decay_steps: int = 0,
-                        floor_lr: float = 0.0, decay_shape: str = "linear",
-                        step_offset: int = 0) -> optax.Schedule:
+def warmup_stable_decay(
+    peak_lr: float = gin.REQUIRED,
+    warmup_steps: int = 0,
+    stable_steps: int = gin.REQUIRED,
+    decay_steps: int = 0,
+    floor_lr: float = 0.0,
+    decay_shape: str = "linear",
+    step_offset: int = 0,
+) -> optax.Schedule:
     """Warmup-stable-decay (WSD): linear warmup, a constant plateau, then a decay to `floor_lr`
     that stays there. `step_offset` lets a stage of staged pre-training own a window of one global
     schedule: the schedule is evaluated at `step + step_offset`."""
     if decay_shape not in ("linear", "cosine", "sqrt"):
-        raise ValueError(f"warmup_stable_decay.decay_shape={decay_shape!r}: "
-                         f"choose linear, cosine or sqrt")
+        raise ValueError(
+            f"warmup_stable_decay.decay_shape={decay_shape!r}: choose linear, cosine or sqrt"
+        )
     if min(warmup_steps, stable_steps, decay_steps) < 0:
         raise ValueError("warmup_stable_decay: step counts must be >= 0")
 
@@ -63,22 +78,30 @@ def constant(lr: float = gin.REQUIRED) -> optax.Schedule:
 
 def decay_mask(params):
     """True for matrices (decayed), False for norms and biases."""
+
     def decays(path, leaf):
         names = [str(getattr(key, "key", key)) for key in path]
         stacked = "layers" in names
         return leaf.ndim - (1 if stacked else 0) >= 2 and names[-1] != "bias"
+
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 @gin.configurable
-def make_optimizer(schedule: optax.Schedule = gin.REQUIRED, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8, weight_decay: float = 0.1, clip_norm: float | None = 1.0,
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    schedule: optax.Schedule = gin.REQUIRED,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    clip_norm: float | None = 1.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optimizer, schedule). The schedule is returned too so that the step can report the
     learning rate at `state.step`."""
     parts = []
     if clip_norm is not None:
         parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                             mask=decay_mask))
+    parts.append(
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    )
     return optax.chain(*parts), schedule

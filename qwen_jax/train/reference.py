@@ -22,8 +22,14 @@ TABLE_FILE = "reference_logps.npz"
 Table = Mapping[str, tuple[float, float]]
 
 
-def compute_table(model, sources: Iterable, to_example: Callable[[dict], dict], *,
-                  batch_size: int, chunk_size: int) -> dict[str, tuple[float, float]]:
+def compute_table(
+    model,
+    sources: Iterable,
+    to_example: Callable[[dict], dict],
+    *,
+    batch_size: int,
+    chunk_size: int,
+) -> dict[str, tuple[float, float]]:
     """{loc: (chosen, rejected) summed response log-probs under `model`} for every pair of
     `sources`; `to_example` turns a pair into the row the training pipeline builds for it."""
 
@@ -37,8 +43,9 @@ def compute_table(model, sources: Iterable, to_example: Callable[[dict], dict], 
         docs = pipeline.preference_documents(source)
         while chunk := list(itertools.islice(docs, batch_size)):
             rows = [to_example(doc) for doc in chunk]
-            batch = packing.pad_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]},
-                                      batch_size)
+            batch = packing.pad_batch(
+                {k: np.stack([r[k] for r in rows]) for k in rows[0]}, batch_size
+            )
             out = {side: np.asarray(v) for side, v in logps(model, batch).items()}
             for i, doc in enumerate(chunk):
                 table[doc["loc"]] = (float(out["chosen"][i]), float(out["rejected"][i]))
@@ -49,13 +56,18 @@ def save_table(path: str, table: Table) -> None:
     """Writes the table atomically (a partial file is never read as a table)."""
     locs = sorted(table)
     staging = f"{path}.partial.npz"
-    np.savez(staging, locs=np.asarray(locs, dtype=str),
-             chosen=np.asarray([table[k][0] for k in locs], np.float32),
-             rejected=np.asarray([table[k][1] for k in locs], np.float32))
+    np.savez(
+        staging,
+        locs=np.asarray(locs, dtype=str),
+        chosen=np.asarray([table[k][0] for k in locs], np.float32),
+        rejected=np.asarray([table[k][1] for k in locs], np.float32),
+    )
     os.replace(staging, path)
 
 
 def load_table(path: str) -> dict[str, tuple[float, float]]:
     with np.load(path) as data:
-        return {str(loc): (float(c), float(r))
-                for loc, c, r in zip(data["locs"], data["chosen"], data["rejected"])}
+        return {
+            str(loc): (float(c), float(r))
+            for loc, c, r in zip(data["locs"], data["chosen"], data["rejected"])
+        }

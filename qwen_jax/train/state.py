@@ -38,22 +38,38 @@ def abstract_model(model_factory: Callable[[], nnx.Module]):
     model = nnx.eval_shape(model_factory)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if rest:
-        raise ValueError(f"the model has non-parameter state, which TrainState does not carry: "
-                         f"{jax.tree.map(lambda x: x.shape, rest)}")
+        raise ValueError(
+            f"the model has non-parameter state, which TrainState does not carry: "
+            f"{jax.tree.map(lambda x: x.shape, rest)}"
+        )
     config = getattr(model, "config", None)
     return graphdef, params, config
 
 
-def state_shardings(param_shardings: Any, optimizer: optax.GradientTransformation,
-                    abstract_params: Any, mesh: Mesh, with_frozen: bool = False) -> TrainState:
+def state_shardings(
+    param_shardings: Any,
+    optimizer: optax.GradientTransformation,
+    abstract_params: Any,
+    mesh: Mesh,
+    with_frozen: bool = False,
+) -> TrainState:
     """Shardings of a TrainState: optimizer moments follow their parameter; scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shapes = jax.eval_shape(optimizer.init, abstract_params)
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, opt_shapes, param_shardings,
-        transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                      skipped=replicated, frozen=param_shardings if with_frozen else None)
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_shapes,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        skipped=replicated,
+        frozen=param_shardings if with_frozen else None,
+    )
 
 
 def _prepare(model_factory, optimizer, mesh, rules, with_frozen):
@@ -61,22 +77,32 @@ def _prepare(model_factory, optimizer, mesh, rules, with_frozen):
     if config is not None:
         mesh_lib.check_model_fits_mesh(config, mesh)
     param_shardings = mesh_lib.param_shardings(abstract_params, mesh, rules)
-    shardings = state_shardings(param_shardings, optimizer, abstract_params.to_pure_dict(), mesh,
-                                with_frozen)
+    shardings = state_shardings(
+        param_shardings, optimizer, abstract_params.to_pure_dict(), mesh, with_frozen
+    )
 
     def init() -> TrainState:
         _, params = nnx.split(model_factory(), nnx.Param)
         params = params.to_pure_dict()
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32),
-                          frozen=params if with_frozen else None)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            skipped=jnp.zeros((), jnp.int32),
+            frozen=params if with_frozen else None,
+        )
 
     return graphdef, shardings, init
 
 
-def create_train_state(model_factory: Callable[[], nnx.Module],
-                       optimizer: optax.GradientTransformation, mesh: Mesh, rules: LogicalRules,
-                       *, with_frozen: bool = False):
+def create_train_state(
+    model_factory: Callable[[], nnx.Module],
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: LogicalRules,
+    *,
+    with_frozen: bool = False,
+):
     """(state, graphdef, shardings). `model_factory()` builds the model with its own rngs;
     `with_frozen` keeps a copy of the initial parameters as `frozen` (e.g. the DPO reference,
     before a checkpoint is restored over both)."""
@@ -85,13 +111,19 @@ def create_train_state(model_factory: Callable[[], nnx.Module],
     return state, graphdef, shardings
 
 
-def abstract_train_state(model_factory: Callable[[], nnx.Module],
-                         optimizer: optax.GradientTransformation, mesh: Mesh, rules: LogicalRules,
-                         *, with_frozen: bool = False):
+def abstract_train_state(
+    model_factory: Callable[[], nnx.Module],
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: LogicalRules,
+    *,
+    with_frozen: bool = False,
+):
     """(state of ShapeDtypeStructs carrying their shardings, graphdef, shardings): what
     ahead-of-time compilation and checkpoint restore need, with nothing allocated."""
     graphdef, shardings, init = _prepare(model_factory, optimizer, mesh, rules, with_frozen)
     shapes = jax.eval_shape(init)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         shapes, shardings)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
     return state, graphdef, shardings

@@ -29,15 +29,26 @@ NAN_POLICIES = ("skip", "stop")
 
 
 @gin.configurable(denylist=["model", "batch", "frozen"])
-def lm_loss_fn(model, batch: Mapping[str, jax.Array], frozen: Any = None, *,
-               chunk_size: int = 1024, z_loss: float = 0.0):
+def lm_loss_fn(
+    model,
+    batch: Mapping[str, jax.Array],
+    frozen: Any = None,
+    *,
+    chunk_size: int = 1024,
+    z_loss: float = 0.0,
+):
     """Next-token loss for pre-training and SFT batches: `inputs`, `targets`, `loss_mask`,
     `segment_ids`, `positions`, all [batch, length]."""
     del frozen
     hidden, _ = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
     loss_sum, weight, aux = chunked_cross_entropy(
-        hidden, model.output_kernel(), batch["targets"], batch["loss_mask"],
-        chunk_size=chunk_size, z_loss=z_loss)
+        hidden,
+        model.output_kernel(),
+        batch["targets"],
+        batch["loss_mask"],
+        chunk_size=chunk_size,
+        z_loss=z_loss,
+    )
     tokens = jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32))
     return loss_sum, {"weight": weight, "tokens": tokens, **aux}
 
@@ -45,19 +56,32 @@ def lm_loss_fn(model, batch: Mapping[str, jax.Array], frozen: Any = None, *,
 def _split_microbatches(batch, microbatches: int, data_shards: int):
     """[B, ...] -> [k, B/k, ...], microbatch j = examples j, j+k, ...: each device's examples stay
     on that device (a contiguous split would move data between devices)."""
+
     def split(x):
         b = x.shape[0]
         if b % microbatches or (b // microbatches) % data_shards:
-            raise ValueError(f"batch size {b} does not split into {microbatches} microbatches "
-                             f"each divisible by the {data_shards} data shards")
+            raise ValueError(
+                f"batch size {b} does not split into {microbatches} microbatches "
+                f"each divisible by the {data_shards} data shards"
+            )
         return jnp.moveaxis(x.reshape(b // microbatches, microbatches, *x.shape[1:]), 1, 0)
+
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    *, mesh: Mesh, rules: logical.LogicalRules, state_shardings: TrainState,
-                    batch_shardings: Any, schedule: optax.Schedule | None = None,
-                    microbatches: int = 1, nan_policy: str = "skip"):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
+    rules: logical.LogicalRules,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+    schedule: optax.Schedule | None = None,
+    microbatches: int = 1,
+    nan_policy: str = "skip",
+):
     """`train_step(state, batch) -> (state, metrics)`, jitted with explicit shardings; the state
     argument is donated.
 
@@ -78,6 +102,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, optimizer: optax.
     def grads_and_metrics(params, batch, frozen):
         def objective(p):
             return loss_fn(nnx.merge(graphdef, p), batch, frozen)
+
         (loss_sum, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return loss_sum, aux, grads
 
@@ -91,8 +116,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, optimizer: optax.
             return jax.tree.map(jnp.add, carry, (loss_sum, aux, grads)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(grads_and_metrics, params, first, frozen))
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(grads_and_metrics, params, first, frozen),
+        )
         total, _ = jax.lax.scan(body, zeros, micro)
         return total
 
@@ -108,18 +135,31 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, optimizer: optax.
 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(nonfinite, o, n), new, old)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(nonfinite, o, n), new, old)
+
         skipped_inc = nonfinite.astype(jnp.int32) if nan_policy == "skip" else 0
         new_state = state.replace(
             step=state.step + (1 - nonfinite.astype(jnp.int32)),
             params=keep(new_params, state.params),
             opt_state=keep(new_opt_state, state.opt_state),
-            skipped=state.skipped + skipped_inc)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite,
-                   "skipped": new_state.skipped, **{k: v for k, v in aux.items()}}
+            skipped=state.skipped + skipped_inc,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite": nonfinite,
+            "skipped": new_state.skipped,
+            **{k: v for k, v in aux.items()},
+        }
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )

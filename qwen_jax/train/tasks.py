@@ -52,11 +52,16 @@ class PretrainTask:
     kind = "pretrain"
     needs_frozen = False
 
-    def __init__(self, sources: Sequence[Source] = gin.REQUIRED,
-                 stages: Sequence[DataStage] = gin.REQUIRED,
-                 rope_theta: Mapping[str, float] | None = None,
-                 eval_source: Source | str | None = None, eval_batch_size: int = 8,
-                 packing: str = "first_fit", worker_count: int = 0):
+    def __init__(
+        self,
+        sources: Sequence[Source] = gin.REQUIRED,
+        stages: Sequence[DataStage] = gin.REQUIRED,
+        rope_theta: Mapping[str, float] | None = None,
+        eval_source: Source | str | None = None,
+        eval_batch_size: int = 8,
+        packing: str = "first_fit",
+        worker_count: int = 0,
+    ):
         self.sources, self.stages = list(sources), list(stages)
         self.rope_theta = dict(rope_theta or {})
         unknown = sorted(set(self.rope_theta) - {s.name for s in self.stages})
@@ -72,8 +77,14 @@ class PretrainTask:
         return None if None in steps else sum(steps)
 
     def iterator(self, tokenizer, seed: int):
-        return pipeline.pretrain_iterator(self.sources, self.stages, tokenizer, seed=seed,
-                                          packing=self.packing, worker_count=self.worker_count)
+        return pipeline.pretrain_iterator(
+            self.sources,
+            self.stages,
+            tokenizer,
+            seed=seed,
+            packing=self.packing,
+            worker_count=self.worker_count,
+        )
 
     def stage(self, iterator) -> str:
         return iterator.stage.name
@@ -85,9 +96,10 @@ class PretrainTask:
         theta = self.rope_theta.get(stage)
         if theta is None:
             return config
-        return config.replace(rope_theta=float(theta),
-                              max_position_embeddings=max(config.max_position_embeddings,
-                                                          self.seq_len(stage)))
+        return config.replace(
+            rope_theta=float(theta),
+            max_position_embeddings=max(config.max_position_embeddings, self.seq_len(stage)),
+        )
 
     def step_metrics(self, metrics: dict) -> dict:
         return metrics
@@ -96,8 +108,11 @@ class PretrainTask:
         if self.eval_source is None:
             return {}, None
         batches = pipeline.pretrain_eval_iterator(
-            self.eval_source, tokenizer, seq_len=self.seq_len(stage),
-            batch_size=self.eval_batch_size)
+            self.eval_source,
+            tokenizer,
+            seq_len=self.seq_len(stage),
+            batch_size=self.eval_batch_size,
+        )
         return eval_pass(eval_step, batches), None
 
 
@@ -109,11 +124,20 @@ class SFTTask:
     kind = "sft"
     needs_frozen = False
 
-    def __init__(self, sources=gin.REQUIRED, seq_len: int = gin.REQUIRED,
-                 batch_size: int = gin.REQUIRED, num_epochs: int | None = 2,
-                 eval_source=None, eval_batch_size: int = 8, exact_match_examples: int = 100,
-                 num_samples: int = 3, max_new_tokens: int = 16,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, worker_count: int = 0):
+    def __init__(
+        self,
+        sources=gin.REQUIRED,
+        seq_len: int = gin.REQUIRED,
+        batch_size: int = gin.REQUIRED,
+        num_epochs: int | None = 2,
+        eval_source=None,
+        eval_batch_size: int = 8,
+        exact_match_examples: int = 100,
+        num_samples: int = 3,
+        max_new_tokens: int = 16,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        worker_count: int = 0,
+    ):
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.num_epochs = num_epochs
         self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
@@ -125,10 +149,16 @@ class SFTTask:
     total_steps = None
 
     def iterator(self, tokenizer, seed: int):
-        return pipeline.sft_iterator(self.sources, tokenizer, seq_len=self.seq_len,
-                                     batch_size=self.batch_size, seed=seed,
-                                     num_epochs=self.num_epochs, system_prompt=self.system_prompt,
-                                     worker_count=self.worker_count)
+        return pipeline.sft_iterator(
+            self.sources,
+            tokenizer,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            seed=seed,
+            num_epochs=self.num_epochs,
+            system_prompt=self.system_prompt,
+            worker_count=self.worker_count,
+        )
 
     def stage(self, iterator) -> str:
         return "sft"
@@ -140,26 +170,43 @@ class SFTTask:
         return metrics
 
     def exact_match(self, model, tokenizer) -> tuple[float, list]:
-        examples = list(pipeline.generation_eval_examples(
-            self.eval_source, tokenizer, system_prompt=self.system_prompt,
-            limit=self.exact_match_examples))
-        answers = evaluation.greedy_answers(model, tokenizer, [e["prompt_ids"] for e in examples],
-                                            max_new_tokens=self.max_new_tokens)
+        examples = list(
+            pipeline.generation_eval_examples(
+                self.eval_source,
+                tokenizer,
+                system_prompt=self.system_prompt,
+                limit=self.exact_match_examples,
+            )
+        )
+        answers = evaluation.greedy_answers(
+            model,
+            tokenizer,
+            [e["prompt_ids"] for e in examples],
+            max_new_tokens=self.max_new_tokens,
+        )
         hits = [a == e["answer"].strip() for a, e in zip(answers, examples)]
-        samples = [(tokenizer.decode(e["prompt_ids"]), e["answer"], a)
-                   for e, a in zip(examples, answers)]
+        samples = [
+            (tokenizer.decode(e["prompt_ids"]), e["answer"], a) for e, a in zip(examples, answers)
+        ]
         return float(np.mean(hits)), samples
 
     def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
         if self.eval_source is None:
             return {}, None
-        batches = pipeline.sft_iterator(self.eval_source, tokenizer, seq_len=self.seq_len,
-                                        batch_size=self.eval_batch_size, for_eval=True,
-                                        system_prompt=self.system_prompt)
+        batches = pipeline.sft_iterator(
+            self.eval_source,
+            tokenizer,
+            seq_len=self.seq_len,
+            batch_size=self.eval_batch_size,
+            for_eval=True,
+            system_prompt=self.system_prompt,
+        )
         scalars = eval_pass(eval_step, batches)
         scalars["exact_match"], samples = self.exact_match(model, tokenizer)
-        text = "\n".join(f"--- prompt: {p!r}\n    expected: {e!r}\n    got: {g!r}"
-                         for p, e, g in samples[:self.num_samples])
+        text = "\n".join(
+            f"--- prompt: {p!r}\n    expected: {e!r}\n    got: {g!r}"
+            for p, e, g in samples[: self.num_samples]
+        )
         return scalars, text
 
 
@@ -168,6 +215,8 @@ class DPOTask:
     """DPO on preference pairs against a frozen reference (by default the starting weights; the
     loop loads `reference` when it names another checkpoint).
 
+    seq_len: tokens of each sequence (prompt + response); prompt_len: the most prompt tokens
+      kept, from the right (default: half of seq_len); responses are cut to the rest.
     precompute_reference: compute the reference log-probs of every train and eval pair in one
       pass before training (`qwen_jax.train.reference`) instead of in each step, so no frozen
       copy of the model stays on the devices; the table is kept in the workdir for resumes.
@@ -175,14 +224,29 @@ class DPOTask:
 
     kind = "dpo"
 
-    def __init__(self, source=gin.REQUIRED, prompt_len: int = gin.REQUIRED,
-                 response_len: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
-                 num_epochs: int | None = 1, config: dpo.DPOConfig | None = None,
-                 reference: str | None = None, precompute_reference: bool = False,
-                 eval_source=None, eval_batch_size: int = 16, max_new_tokens: int = 16,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, chunk_size: int = 2048,
-                 worker_count: int = 0):
-        self.source, self.prompt_len, self.response_len = source, prompt_len, response_len
+    def __init__(
+        self,
+        source=gin.REQUIRED,
+        seq_len: int = gin.REQUIRED,
+        batch_size: int = gin.REQUIRED,
+        prompt_len: int | None = None,
+        num_epochs: int | None = 1,
+        config: dpo.DPOConfig | None = None,
+        reference: str | None = None,
+        precompute_reference: bool = False,
+        eval_source=None,
+        eval_batch_size: int = 16,
+        max_new_tokens: int = 16,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        chunk_size: int = 2048,
+        worker_count: int = 0,
+    ):
+        prompt_len = seq_len // 2 if prompt_len is None else prompt_len
+        if not 0 < prompt_len < seq_len:
+            raise ValueError(f"DPOTask: prompt_len {prompt_len} must be in (0, seq_len {seq_len})")
+        # A row holds one sequence of the pair: the prompt's last `prompt_len` tokens, then the
+        # response's first `seq_len - prompt_len` (TRL's max_prompt_length and max_length).
+        self.source, self.prompt_len, self.response_len = source, prompt_len, seq_len - prompt_len
         self.batch_size, self.num_epochs = batch_size, num_epochs
         self.config = config or dpo.DPOConfig()
         self.reference, self.precompute_reference = reference, precompute_reference
@@ -199,8 +263,9 @@ class DPOTask:
         return not self.precompute_reference
 
     def _to_example(self, tokenizer):
-        return examples.PreferenceToExample(tokenizer, self.prompt_len, self.response_len,
-                                            self.system_prompt)
+        return examples.PreferenceToExample(
+            tokenizer, self.prompt_len, self.response_len, self.system_prompt
+        )
 
     def prepare_reference(self, workdir: str, tokenizer, load_reference_model) -> None:
         """With `precompute_reference`: reads this run's table from the workdir, or computes it
@@ -211,21 +276,36 @@ class DPOTask:
             return
         sources = [self.source] + ([self.eval_source] if self.eval_source is not None else [])
         table = reference_lib.compute_table(
-            load_reference_model(), sources, self._to_example(tokenizer),
-            batch_size=self.eval_batch_size, chunk_size=self.chunk_size)
+            load_reference_model(),
+            sources,
+            self._to_example(tokenizer),
+            batch_size=self.eval_batch_size,
+            chunk_size=self.chunk_size,
+        )
         if jax.process_index() == 0:
             reference_lib.save_table(path, table)
         self.reference_logps = table
 
     def _pairs(self, source, tokenizer, **kwargs):
-        return pipeline.dpo_iterator(source, tokenizer, prompt_len=self.prompt_len,
-                                     response_len=self.response_len,
-                                     system_prompt=self.system_prompt,
-                                     reference_logps=self.reference_logps, **kwargs)
+        return pipeline.dpo_iterator(
+            source,
+            tokenizer,
+            prompt_len=self.prompt_len,
+            response_len=self.response_len,
+            system_prompt=self.system_prompt,
+            reference_logps=self.reference_logps,
+            **kwargs,
+        )
 
     def iterator(self, tokenizer, seed: int):
-        return self._pairs(self.source, tokenizer, batch_size=self.batch_size, seed=seed,
-                           num_epochs=self.num_epochs, worker_count=self.worker_count)
+        return self._pairs(
+            self.source,
+            tokenizer,
+            batch_size=self.batch_size,
+            seed=seed,
+            num_epochs=self.num_epochs,
+            worker_count=self.worker_count,
+        )
 
     def stage(self, iterator) -> str:
         return "dpo"
@@ -239,11 +319,18 @@ class DPOTask:
     def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
         if self.eval_source is None:
             return {}, None
-        batches = self._pairs(self.eval_source, tokenizer, batch_size=self.eval_batch_size,
-                              for_eval=True)
+        batches = self._pairs(
+            self.eval_source, tokenizer, batch_size=self.eval_batch_size, for_eval=True
+        )
         scalars = eval_pass(eval_step, batches, dpo.PAIR_METRICS)
-        records = evaluation.read_jsonl(self.eval_source)
-        scalars.update(evaluation.preference_figures(
-            model, tokenizer, records, system_prompt=self.system_prompt,
-            max_new_tokens=self.max_new_tokens))
+        records = list(pipeline.preference_documents(self.eval_source))
+        scalars.update(
+            evaluation.preference_figures(
+                model,
+                tokenizer,
+                records,
+                system_prompt=self.system_prompt,
+                max_new_tokens=self.max_new_tokens,
+            )
+        )
         return scalars, None

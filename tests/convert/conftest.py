@@ -7,9 +7,17 @@ import transformers
 
 from qwen_jax.model.config import QwenConfig, RopeScaling
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, bos_token_id=99,
-            eos_token_id=100)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    bos_token_id=99,
+    eos_token_id=100,
+)
 
 
 def tiny_config(**changes) -> QwenConfig:
@@ -30,12 +38,18 @@ def hf_model(config: QwenConfig, seed: int = 0, std: float = 0.2) -> transformer
     return model.eval().float()
 
 
-@pytest.fixture(params=[
-    pytest.param(dict(tie_word_embeddings=False), id="untied"),
-    pytest.param(dict(tie_word_embeddings=True,
-                      rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16)),
-                 id="tied-yarn"),
-])
+@pytest.fixture(
+    params=[
+        pytest.param(dict(tie_word_embeddings=False), id="untied"),
+        pytest.param(
+            dict(
+                tie_word_embeddings=True,
+                rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16),
+            ),
+            id="tied-yarn",
+        ),
+    ]
+)
 def hf_checkpoint(request, tmp_path):
     """(config, HF model, directory of its safetensors checkpoint in several shards)."""
     config = tiny_config(**request.param)

@@ -19,8 +19,16 @@ from qwen_jax.model.layers import Runtime
 
 # Every logical axis of the model sharded on a 4x2 mesh. head_dim takes "data" wherever embed has
 # not already, so biases and o_proj are also cut inside a head: every partial-read branch runs.
-RULES = [("vocab", "model"), ("embed", "data"), ("q_heads", "model"), ("kv_heads", "model"),
-         ("head_dim", "data"), ("mlp", "model"), ("layers", None), ("norm", "model")]
+RULES = [
+    ("vocab", "model"),
+    ("embed", "data"),
+    ("q_heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", "data"),
+    ("mlp", "model"),
+    ("layers", None),
+    ("norm", "model"),
+]
 
 
 def test_import_matches_transformers_logits(hf_checkpoint):
@@ -39,15 +47,17 @@ def test_sharded_import_places_the_same_values(hf_checkpoint):
     _, _, directory = hf_checkpoint
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     single = nnx.to_flat_state(nnx.state(hf.load_model(directory), nnx.Param))
-    sharded = dict(nnx.to_flat_state(nnx.state(hf.load_model(directory, mesh=mesh, rules=RULES),
-                                                nnx.Param)))
+    sharded = dict(
+        nnx.to_flat_state(nnx.state(hf.load_model(directory, mesh=mesh, rules=RULES), nnx.Param))
+    )
     specs = set()
     for path, variable in single:
         array = sharded[path].get_value()
         specs.add(array.sharding.spec)
         assert array.sharding.mesh == mesh, path
-        np.testing.assert_array_equal(np.asarray(array), np.asarray(variable.get_value()),
-                                      err_msg=str(path))
+        np.testing.assert_array_equal(
+            np.asarray(array), np.asarray(variable.get_value()), err_msg=str(path)
+        )
     assert len(specs) > 5  # the rules really split the parameters many ways
 
 
@@ -97,6 +107,7 @@ def small_checkpoint(tmp_path):
 
 def _edit_tensors(directory, edit):
     from safetensors.numpy import load_file, save_file
+
     path = directory / hf.SINGLE_FILE
     tensors = load_file(path)
     edit(tensors)
@@ -109,32 +120,43 @@ def test_tied_checkpoint_may_also_store_lm_head(tmp_path):
     config = tiny_config(num_hidden_layers=1, tie_word_embeddings=True)
     reference = hf_model(config)
     reference.save_pretrained(tmp_path / "hf")
-    _edit_tensors(tmp_path / "hf", lambda t: t.update(
-        {"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    _edit_tensors(
+        tmp_path / "hf",
+        lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}),
+    )
     model = hf.load_model(tmp_path / "hf")
     assert model.lm_head is None
-    np.testing.assert_array_equal(np.asarray(model.output_kernel()),
-                                  reference.lm_head.weight.detach().numpy().T)
+    np.testing.assert_array_equal(
+        np.asarray(model.output_kernel()), reference.lm_head.weight.detach().numpy().T
+    )
 
 
 def test_missing_tensor_is_named(small_checkpoint):
     _edit_tensors(small_checkpoint, lambda t: t.pop("model.layers.0.self_attn.k_proj.bias"))
-    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.0.self_attn.k_proj.bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing tensors \['model.layers.0.self_attn.k_proj.bias'\]"
+    ):
         hf.load_model(small_checkpoint)
 
 
 def test_wrong_shape_is_named(small_checkpoint):
     def edit(t):
         t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:-1]
+
     _edit_tensors(small_checkpoint, edit)
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj"
-                                         r".weight' has shape \(95, 64\), config.json implies \(96, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj"
+        r".weight' has shape \(95, 64\), config.json implies \(96, 64\)",
+    ):
         hf.load_model(small_checkpoint)
 
 
 def test_unknown_tensor_is_named(small_checkpoint):
-    _edit_tensors(small_checkpoint, lambda t: t.update(
-        {"model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)}))
+    _edit_tensors(
+        small_checkpoint,
+        lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)}),
+    )
     with pytest.raises(ValueError, match="no place in Qwen2ForCausalLM.*q_norm"):
         hf.load_model(small_checkpoint)
 
@@ -158,14 +180,22 @@ def test_corrupt_safetensors_file_is_named(small_checkpoint, damage):
     assert "Traceback" not in str(error.value)
 
 
-def test_export_writes_qwen_stop_ids_and_copies_the_tokenizer(small_checkpoint, tmp_path):
+def test_export_writes_the_tokenizers_stop_ids_and_copies_the_tokenizer(small_checkpoint, tmp_path):
+    from qwen_jax.data.tokenizer import Tokenizer
     from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
-    out = tmp_path / "export"
-    hf.save_model(hf.load_model(small_checkpoint), out,
-                  tokenizer_dir=os.path.dirname(DEMO_TOKENIZER_PATH))
-    generation = transformers.GenerationConfig.from_pretrained(out)
+
+    model = hf.load_model(small_checkpoint)
+    hf.save_model(model, tmp_path / "export", tokenizer_dir=os.path.dirname(DEMO_TOKENIZER_PATH))
+    demo = Tokenizer.from_file(DEMO_TOKENIZER_PATH)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "export")
+    assert generation.eos_token_id == [demo.im_end_id, demo.eos_id] != [151645, 151643]
+    assert (tmp_path / "export" / "tokenizer.json").read_bytes() == open(
+        DEMO_TOKENIZER_PATH, "rb"
+    ).read()
+    # Without a tokenizer: Qwen2.5's <|im_end|> and <|endoftext|>.
+    hf.save_model(model, tmp_path / "bare")
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "bare")
     assert generation.eos_token_id == [151645, 151643]
-    assert (out / "tokenizer.json").read_bytes() == open(DEMO_TOKENIZER_PATH, "rb").read()
 
 
 def test_failed_export_leaves_nothing(small_checkpoint, tmp_path):

@@ -17,15 +17,24 @@ def test_greedy_generation_matches_transformers(hf_checkpoint):
     ids, mask = left_padded_batch(config.vocab_size)
     with torch.no_grad():
         expected = reference.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0,
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
             generation_config=transformers.GenerationConfig(eos_token_id=None),
-        )[:, ids.shape[1]:].numpy()
+        )[:, ids.shape[1] :].numpy()
 
     # A stop token the model never produces here, so all NEW_TOKENS steps run as in transformers.
     unused = sorted(set(range(config.vocab_size)) - set(expected.ravel().tolist()))[0]
-    tokens, lengths = generate(hf.load_model(directory), jnp.asarray(ids), jnp.asarray(mask),
-                               max_new_tokens=NEW_TOKENS, stop_tokens=[unused])
+    tokens, lengths = generate(
+        hf.load_model(directory),
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        max_new_tokens=NEW_TOKENS,
+        stop_tokens=[unused],
+    )
     np.testing.assert_array_equal(np.asarray(tokens), expected)
     np.testing.assert_array_equal(np.asarray(lengths), NEW_TOKENS)
 
@@ -39,8 +48,9 @@ def test_rows_stop_independently_at_their_stop_token(hf_checkpoint):
     # Stop on the token row 0 emits at step 3: row 0 must end there (length 4), the others at
     # their own first occurrence of it, if any.
     stop = int(free[0, 3])
-    tokens, lengths = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=[stop],
-                               pad_id=0)
+    tokens, lengths = generate(
+        model, ids, mask, max_new_tokens=NEW_TOKENS, stop_tokens=[stop], pad_id=0
+    )
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     for row in range(ids.shape[0]):
         hits = np.flatnonzero(free[row] == stop)

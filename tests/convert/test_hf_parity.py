@@ -23,14 +23,17 @@ def test_packed_documents_match_separate_transformers_runs(hf_checkpoint):
     ids = np.concatenate(docs + [np.zeros(pad, int)])[None]
     segments = np.concatenate([np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(pad)])
     positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad)])
-    logits = hf.load_model(directory)(jnp.asarray(ids), jnp.asarray(positions[None], jnp.int32),
-                                      jnp.asarray(segments[None], jnp.int32))
+    logits = hf.load_model(directory)(
+        jnp.asarray(ids),
+        jnp.asarray(positions[None], jnp.int32),
+        jnp.asarray(segments[None], jnp.int32),
+    )
     logits = np.asarray(logits)[0]
     start = 0
     for doc in docs:
         with torch.no_grad():
             expected = reference(torch.tensor(doc[None])).logits[0].numpy()
-        np.testing.assert_allclose(logits[start:start + len(doc)], expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(logits[start : start + len(doc)], expected, rtol=0, atol=1e-5)
         start += len(doc)
 
 
@@ -47,8 +50,9 @@ def test_loss_gradients_match_torch_autograd(hf_checkpoint):
 
     reference.zero_grad()
     logits = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size),
-                                            torch.tensor(labels).reshape(-1), reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, config.vocab_size), torch.tensor(labels).reshape(-1), reduction="none"
+    )
     w = torch.tensor(weights, dtype=torch.float32).reshape(-1)
     torch_loss = (nll * w).sum() / w.sum()
     torch_loss.backward()
@@ -66,8 +70,9 @@ def test_loss_gradients_match_torch_autograd(hf_checkpoint):
     # The gradient tree has the parameters' structure, so the export table names it in HF terms.
     grad_tensors = dict(hf.hf_tensors(nnx.merge(graphdef, grads)))
     named = dict(reference.named_parameters())
-    assert set(grad_tensors) == set(named) - ({"lm_head.weight"} if config.tie_word_embeddings
-                                              else set())
+    assert set(grad_tensors) == set(named) - (
+        {"lm_head.weight"} if config.tie_word_embeddings else set()
+    )
     for name, thunk in grad_tensors.items():
         expected = named[name].grad.numpy()
         np.testing.assert_allclose(thunk(), expected, rtol=1e-4, atol=1e-6, err_msg=name)

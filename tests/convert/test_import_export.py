@@ -20,9 +20,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def run(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +42,13 @@ def reference(tmp_path_factory):
 def imported(reference, tmp_path_factory):
     """import_hf on all 8 emulated devices with the fsdp mesh preset, stored in float32."""
     out = tmp_path_factory.mktemp("ckpt") / "model"
-    result = run("qwen_jax.import_hf", f"--hf_dir={reference[1]}", f"--output={out}",
-                 "--dtype=float32", "--gin_file=configs/mesh/fsdp.gin")
+    result = run(
+        "qwen_jax.import_hf",
+        f"--hf_dir={reference[1]}",
+        f"--output={out}",
+        "--dtype=float32",
+        "--gin_file=configs/mesh/fsdp.gin",
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -66,16 +76,25 @@ def test_training_step_directory_exports_to_transformers(reference, imported, tm
     exports to an HF checkpoint whose tensors equal the original ones exactly."""
     hf_reference, _ = reference
     config, params = model_io.load_model_checkpoint(imported)
-    manager = ocp.CheckpointManager(tmp_path / "checkpoints",
-                                    item_names=("params", "model_config", "opt_state"))
-    manager.save(7, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        model_config=ocp.args.JsonSave(config.to_hf_config()),
-        opt_state=ocp.args.StandardSave({"count": jnp.zeros((), jnp.int32)})))
+    manager = ocp.CheckpointManager(
+        tmp_path / "checkpoints", item_names=("params", "model_config", "opt_state")
+    )
+    manager.save(
+        7,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            model_config=ocp.args.JsonSave(config.to_hf_config()),
+            opt_state=ocp.args.StandardSave({"count": jnp.zeros((), jnp.int32)}),
+        ),
+    )
     manager.wait_until_finished()
     out = tmp_path / "hf_out"
-    result = run("qwen_jax.export", f"--checkpoint={tmp_path / 'checkpoints' / '7'}",
-                 f"--output_dir={out}", "--dtype=float32")
+    result = run(
+        "qwen_jax.export",
+        f"--checkpoint={tmp_path / 'checkpoints' / '7'}",
+        f"--output_dir={out}",
+        "--dtype=float32",
+    )
     assert result.returncode == 0, result.stderr
     exported = transformers.Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32)
     want, got = hf_reference.state_dict(), exported.state_dict()

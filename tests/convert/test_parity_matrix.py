@@ -18,14 +18,29 @@ from qwen_jax.model.layers import Runtime
 YARN = RopeScaling(factor=4.0, original_max_position_embeddings=16)
 
 VARIANTS = [
-    pytest.param(dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=256),
-                 id="gqa1-hd64-untied"),
-    pytest.param(dict(num_attention_heads=4, num_key_value_heads=2, hidden_size=512,
-                      tie_word_embeddings=True), id="gqa2-hd128-tied"),
-    pytest.param(dict(num_attention_heads=7, num_key_value_heads=1, hidden_size=448,
-                      rope_scaling=YARN), id="gqa7-hd64-yarn"),
-    pytest.param(dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=256,
-                      tie_word_embeddings=True, rope_scaling=YARN), id="gqa2-hd128-tied-yarn"),
+    pytest.param(
+        dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=256), id="gqa1-hd64-untied"
+    ),
+    pytest.param(
+        dict(
+            num_attention_heads=4, num_key_value_heads=2, hidden_size=512, tie_word_embeddings=True
+        ),
+        id="gqa2-hd128-tied",
+    ),
+    pytest.param(
+        dict(num_attention_heads=7, num_key_value_heads=1, hidden_size=448, rope_scaling=YARN),
+        id="gqa7-hd64-yarn",
+    ),
+    pytest.param(
+        dict(
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            hidden_size=256,
+            tie_word_embeddings=True,
+            rope_scaling=YARN,
+        ),
+        id="gqa2-hd128-tied-yarn",
+    ),
 ]
 
 
@@ -51,7 +66,10 @@ def test_bfloat16_compute_keeps_the_argmax(tmp_path):
     """bf16 compute over fp32 parameters (the training setting) against transformers in fp32."""
     # With init std 0.05 the logits spread over several units, so ties do not decide the argmax.
     want, got, real = _reference_and_ours(
-        tmp_path, dict(num_attention_heads=7, num_key_value_heads=1, hidden_size=448),
-        Runtime(dtype="bfloat16"), std=0.05)
+        tmp_path,
+        dict(num_attention_heads=7, num_key_value_heads=1, hidden_size=448),
+        Runtime(dtype="bfloat16"),
+        std=0.05,
+    )
     agreement = np.mean(got.argmax(-1)[real] == want.argmax(-1)[real])
     assert agreement >= 0.99, agreement

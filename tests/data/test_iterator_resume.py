@@ -31,71 +31,84 @@ def build(demo_dir, packing):
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat_split"])
 def test_resume_in_a_fresh_process(tmp_path, demo_dir, packing):
-  scope = {}
-  exec(BUILD, scope)  # pylint: disable=exec-used
-  it = scope["build"](str(demo_dir), packing)
-  batches, state = [], None
-  for step in range(50):
-    if step == 20:
-      state = json.dumps(it.get_state())
-    batches.append(next(it))
-  it.close()
-  (tmp_path / "state.json").write_text(state)
-  script = BUILD + textwrap.dedent(f"""
+    scope = {}
+    exec(BUILD, scope)  # pylint: disable=exec-used
+    it = scope["build"](str(demo_dir), packing)
+    batches, state = [], None
+    for step in range(50):
+        if step == 20:
+            state = json.dumps(it.get_state())
+        batches.append(next(it))
+    it.close()
+    (tmp_path / "state.json").write_text(state)
+    script = BUILD + textwrap.dedent(f"""
       import json, numpy as np
       it = build({str(demo_dir)!r}, {packing!r})
-      it.set_state(json.loads(open({str(tmp_path / 'state.json')!r}).read()))
+      it.set_state(json.loads(open({str(tmp_path / "state.json")!r}).read()))
       out = {{}}
       for i in range(30):
         for k, v in next(it).items():
           out[f"{{i}}/{{k}}"] = v
-      np.savez({str(tmp_path / 'after.npz')!r}, **out)
+      np.savez({str(tmp_path / "after.npz")!r}, **out)
       it.close()
   """)
-  subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-  after = np.load(tmp_path / "after.npz")
-  for i in range(30):
-    for k, v in batches[20 + i].items():
-      np.testing.assert_array_equal(after[f"{i}/{k}"], v, err_msg=f"batch {21 + i} {k}")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    after = np.load(tmp_path / "after.npz")
+    for i in range(30):
+        for k, v in batches[20 + i].items():
+            np.testing.assert_array_equal(after[f"{i}/{k}"], v, err_msg=f"batch {21 + i} {k}")
 
 
 def _take(it, n):
-  return [next(it) for _ in range(n)]
+    return [next(it) for _ in range(n)]
 
 
 def test_sft_and_dpo_resume(demo_dir, demo_tokenizer):
-  def sft():
-    return pipeline.sft_iterator(str(demo_dir / "chat_train.jsonl"), demo_tokenizer, seq_len=64,
-                                 batch_size=4, seed=1, system_prompt="Be brief.")
+    def sft():
+        return pipeline.sft_iterator(
+            str(demo_dir / "chat_train.jsonl"),
+            demo_tokenizer,
+            seq_len=64,
+            batch_size=4,
+            seed=1,
+            system_prompt="Be brief.",
+        )
 
-  def dpo():
-    return pipeline.dpo_iterator(str(demo_dir / "preference_train.jsonl"), demo_tokenizer,
-                                 prompt_len=24, response_len=8, batch_size=4, seed=1)
+    def dpo():
+        return pipeline.dpo_iterator(
+            str(demo_dir / "preference_train.jsonl"),
+            demo_tokenizer,
+            prompt_len=24,
+            response_len=8,
+            batch_size=4,
+            seed=1,
+        )
 
-  for make in (sft, dpo):
-    it = make()
-    _take(it, 7)
-    state = it.get_state()
-    expected = _take(it, 5)
-    fresh = make()
-    fresh.set_state(state)
-    for a, b in zip(expected, _take(fresh, 5)):
-      for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+    for make in (sft, dpo):
+        it = make()
+        _take(it, 7)
+        state = it.get_state()
+        expected = _take(it, 5)
+        fresh = make()
+        fresh.set_state(state)
+        for a, b in zip(expected, _take(fresh, 5)):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_orbax_checkpoint_helpers(tmp_path, demo_dir, demo_tokenizer):
-  sources = [Source("text", str(demo_dir / "pretrain.jsonl"))]
-  stages = [DataStage("a", None, 32, 2, {"text": 1.0})]
+    sources = [Source("text", str(demo_dir / "pretrain.jsonl"))]
+    stages = [DataStage("a", None, 32, 2, {"text": 1.0})]
 
-  def make():
-    return pipeline.pretrain_iterator(sources, stages, demo_tokenizer, seed=3, shard_index=0,
-                                      shard_count=1)
+    def make():
+        return pipeline.pretrain_iterator(
+            sources, stages, demo_tokenizer, seed=3, shard_index=0, shard_count=1
+        )
 
-  it = make()
-  _take(it, 3)
-  checkpointing.save_iterator_state(tmp_path / "ckpt", it)
-  expected = _take(it, 3)
-  fresh = checkpointing.restore_iterator_state(tmp_path / "ckpt", make())
-  for a, b in zip(expected, _take(fresh, 3)):
-    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    it = make()
+    _take(it, 3)
+    checkpointing.save_iterator_state(tmp_path / "ckpt", it)
+    expected = _take(it, 3)
+    fresh = checkpointing.restore_iterator_state(tmp_path / "ckpt", make())
+    for a, b in zip(expected, _take(fresh, 3)):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])

@@ -15,58 +15,80 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_realized_mixture_is_within_two_percent(demo_dir):
-  sources = [Source("text", str(demo_dir / "pretrain.jsonl")),
-             Source("long", str(demo_dir / "long_docs.jsonl")),
-             Source("chatty", str(demo_dir / "pretrain_eval.jsonl"))]
-  weights = {"text": 0.55, "long": 0.30, "chatty": 0.15}
-  docs = pipeline.document_dataset(sources, weights, "text", seed=0, shard_index=0,
-                                   shard_count=1, num_epochs=None, shuffle=True,
-                                   tracker=BadRecordTracker({}))
-  it = iter(docs)
-  n = 10_000
-  counts = collections.Counter(next(it)["source"] for _ in range(n))
-  for name, weight in weights.items():
-    assert abs(counts[name] / n - weight) <= 0.02, (name, counts)
+    sources = [
+        Source("text", str(demo_dir / "pretrain.jsonl")),
+        Source("long", str(demo_dir / "long_docs.jsonl")),
+        Source("chatty", str(demo_dir / "pretrain_eval.jsonl")),
+    ]
+    weights = {"text": 0.55, "long": 0.30, "chatty": 0.15}
+    docs = pipeline.document_dataset(
+        sources,
+        weights,
+        "text",
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+        num_epochs=None,
+        shuffle=True,
+        tracker=BadRecordTracker({}),
+    )
+    it = iter(docs)
+    n = 10_000
+    counts = collections.Counter(next(it)["source"] for _ in range(n))
+    for name, weight in weights.items():
+        assert abs(counts[name] / n - weight) <= 0.02, (name, counts)
 
 
 def test_stage_switch_happens_at_the_configured_step(demo_dir, demo_tokenizer):
-  sources = [Source("text", str(demo_dir / "pretrain.jsonl")),
-             Source("long", str(demo_dir / "long_docs.jsonl"))]
-  stages = [DataStage("short", 5, 32, 8, {"text": 1.0}),
-            DataStage("long", 3, 96, 4, {"text": 0.2, "long": 0.8})]
-  it = pipeline.pretrain_iterator(sources, stages, demo_tokenizer, seed=0, shard_index=1,
-                                  shard_count=2, prefetch=0)
-  shapes, names = [], []
-  for _ in range(8):
-    names.append(it.stage.name)
-    shapes.append(next(it)["inputs"].shape)
-  assert names == ["short"] * 5 + ["long"] * 3
-  assert shapes == [(4, 32)] * 5 + [(2, 96)] * 3  # per-host batch: global batch / 2 hosts
-  assert it.step == 8
-  with pytest.raises(StopIteration):
-    next(it)
+    sources = [
+        Source("text", str(demo_dir / "pretrain.jsonl")),
+        Source("long", str(demo_dir / "long_docs.jsonl")),
+    ]
+    stages = [
+        DataStage("short", 5, 32, 8, {"text": 1.0}),
+        DataStage("long", 3, 96, 4, {"text": 0.2, "long": 0.8}),
+    ]
+    it = pipeline.pretrain_iterator(
+        sources, stages, demo_tokenizer, seed=0, shard_index=1, shard_count=2, prefetch=0
+    )
+    shapes, names = [], []
+    for _ in range(8):
+        names.append(it.stage.name)
+        shapes.append(next(it)["inputs"].shape)
+    assert names == ["short"] * 5 + ["long"] * 3
+    assert shapes == [(4, 32)] * 5 + [(2, 96)] * 3  # per-host batch: global batch / 2 hosts
+    assert it.step == 8
+    with pytest.raises(StopIteration):
+        next(it)
 
 
 def test_stage_config_errors(demo_dir, demo_tokenizer):
-  sources = [Source("text", str(demo_dir / "pretrain.jsonl"))]
-  with pytest.raises(ValueError, match="unknown sources \\['web'\\]"):
-    pipeline.pretrain_iterator(sources, [DataStage("s", 1, 8, 2, {"web": 1})], demo_tokenizer)
-  with pytest.raises(ValueError, match="not divisible by 3 hosts"):
-    pipeline.pretrain_iterator(sources, [DataStage("s", 1, 8, 4, {"text": 1})], demo_tokenizer,
-                               shard_index=0, shard_count=3)
+    sources = [Source("text", str(demo_dir / "pretrain.jsonl"))]
+    with pytest.raises(ValueError, match="unknown sources \\['web'\\]"):
+        pipeline.pretrain_iterator(sources, [DataStage("s", 1, 8, 2, {"web": 1})], demo_tokenizer)
+    with pytest.raises(ValueError, match="not divisible by 3 hosts"):
+        pipeline.pretrain_iterator(
+            sources,
+            [DataStage("s", 1, 8, 4, {"text": 1})],
+            demo_tokenizer,
+            shard_index=0,
+            shard_count=3,
+        )
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "data", "*.gin")))
-                         + sorted(glob.glob(os.path.join(REPO, "configs", "pretrain",
-                                                         "data_*.gin"))))
+@pytest.mark.parametrize(
+    "path",
+    sorted(glob.glob(os.path.join(REPO, "configs", "data", "*.gin")))
+    + sorted(glob.glob(os.path.join(REPO, "configs", "pretrain", "data_*.gin"))),
+)
 def test_shipped_gin_data_configs_parse(path):
-  gin.clear_config()
-  try:
-    gin.parse_config_file(path, skip_unknown=True)
-    sources, stages = data_schedule()
-  finally:
     gin.clear_config()
-  assert stages and sources
-  for stage in stages:
-    assert set(stage.mixture) <= set(sources)
-    assert abs(sum(stage.mixture.values()) - 1.0) < 1e-6, stage
+    try:
+        gin.parse_config_file(path, skip_unknown=True)
+        sources, stages = data_schedule()
+    finally:
+        gin.clear_config()
+    assert stages and sources
+    for stage in stages:
+        assert set(stage.mixture) <= set(sources)
+        assert abs(sum(stage.mixture.values()) - 1.0) < 1e-6, stage

@@ -25,12 +25,15 @@ def reference_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray
     return out
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.5), (0, 0.9), (7, 0.8),
-                                         (1, 1.0), (0, 1e-6)])
+@pytest.mark.parametrize(
+    "top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.5), (0, 0.9), (7, 0.8), (1, 1.0), (0, 1e-6)]
+)
 def test_filter_matches_definition(top_k, top_p):
     logits = np.random.RandomState(top_k).normal(0, 2, (6, 40)).astype(np.float32)
     got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p))
-    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(reference_filter(logits, top_k, top_p)))
+    np.testing.assert_array_equal(
+        np.isfinite(got), np.isfinite(reference_filter(logits, top_k, top_p))
+    )
     np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
 
 
@@ -57,9 +60,15 @@ def test_greedy_is_argmax_and_top_k_one_is_greedy():
     np.testing.assert_array_equal(sample(logits, jax.random.key(2), Sampling(1.0, top_k=1)), greedy)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p")])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
 def test_bad_sampling_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Sampling(**kwargs)
@@ -67,14 +76,22 @@ def test_bad_sampling_values_are_named(kwargs, message):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = QwenConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    config = QwenConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     # Random values into the abstract model: skips the initializers' compilations, and a wide
     # normal gives every parameter (biases, norms) a say in the result.
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))))
     rng = np.random.RandomState(0)
-    return nnx.merge(graphdef, jax.tree.map(
-        lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape).astype(x.dtype)), state))
+    return nnx.merge(
+        graphdef,
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape).astype(x.dtype)), state),
+    )
 
 
 def test_right_padding_is_rejected(tiny_model):

@@ -17,10 +17,15 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
 # precision (0.494B is printed 0.49B), except Qwen2.5-32B, whose card says 32.5B
 # while its own config.json gives 32.76B (+0.8%, transformers' count): that gap is asserted as it
 # is, so the preset is held to the architecture, not to the card's rounding.
-PUBLISHED = {"qwen2_5_0_5b": (0.49, 0.36), "qwen2_5_1_5b": (1.54, 1.31),
-             "qwen2_5_3b": (3.09, 2.77), "qwen2_5_7b": (7.61, 6.53),
-             "qwen2_5_14b": (14.7, 13.1), "qwen2_5_32b": (32.5, 31.0),
-             "qwen2_5_72b": (72.7, 70.0)}
+PUBLISHED = {
+    "qwen2_5_0_5b": (0.49, 0.36),
+    "qwen2_5_1_5b": (1.54, 1.31),
+    "qwen2_5_3b": (3.09, 2.77),
+    "qwen2_5_7b": (7.61, 6.53),
+    "qwen2_5_14b": (14.7, 13.1),
+    "qwen2_5_32b": (32.5, 31.0),
+    "qwen2_5_72b": (72.7, 70.0),
+}
 
 
 def load(*files) -> QwenConfig:

@@ -24,9 +24,16 @@ from qwen_jax.train import step as step_lib
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Heads (4) and KV heads (2) divide the tensor axis (2); untied so lm_head is its own parameter.
-CONFIG = QwenConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                    tie_word_embeddings=False, initializer_range=0.05)
+CONFIG = QwenConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    tie_word_embeddings=False,
+    initializer_range=0.05,
+)
 BATCH, LENGTH = 8, 16
 
 
@@ -44,7 +51,8 @@ def optimizer():
     # shift shared by all keys), and Adam turns its float noise (~1e-10, different for every
     # reduction order) into steps of lr * noise / (|noise| + eps); every other gradient is >> 1e-6.
     return optimizer_lib.make_optimizer(
-        optimizer_lib.warmup_cosine(peak_lr=1e-3, warmup_steps=1, total_steps=10), eps=1e-6)
+        optimizer_lib.warmup_cosine(peak_lr=1e-3, warmup_steps=1, total_steps=10), eps=1e-6
+    )
 
 
 def factory(config=CONFIG, attention_impl="xla"):
@@ -59,27 +67,45 @@ def host_batch(batch=BATCH, length=LENGTH, seed=0):
     split = length // 2 + 3
     segment_ids = np.where(np.arange(length) < split, 1, 2).astype(np.int32)[None].repeat(batch, 0)
     segment_ids[::2, -3:] = 0
-    positions = np.where(np.arange(length) < split, np.arange(length),
-                         np.arange(length) - split).astype(np.int32)[None].repeat(batch, 0)
+    positions = (
+        np.where(np.arange(length) < split, np.arange(length), np.arange(length) - split)
+        .astype(np.int32)[None]
+        .repeat(batch, 0)
+    )
     loss_mask = (segment_ids != 0).astype(np.float32)
     loss_mask[:, split - 1] = 0  # no prediction across the document boundary
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask,
-            "segment_ids": segment_ids, "positions": positions}
+    return {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": loss_mask,
+        "segment_ids": segment_ids,
+        "positions": positions,
+    }
 
 
-def build(mesh, rules, *, attention_impl="xla", microbatches=1, opt=None, batch=None,
-          nan_policy="skip"):
+def build(
+    mesh, rules, *, attention_impl="xla", microbatches=1, opt=None, batch=None, nan_policy="skip"
+):
     """(state, train_step, device batch) on `mesh`."""
     opt, schedule = opt or optimizer()
     state, graphdef, shardings = state_lib.create_train_state(
-        factory(attention_impl=attention_impl), opt, mesh, rules)
+        factory(attention_impl=attention_impl), opt, mesh, rules
+    )
     batch = host_batch() if batch is None else batch
     batch_shardings = mesh_lib.batch_shardings(mesh, rules, batch)
     device_batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
-    step = step_lib.make_train_step(graphdef, step_lib.lm_loss_fn, opt, mesh=mesh, rules=rules,
-                                    state_shardings=shardings, batch_shardings=batch_shardings,
-                                    schedule=schedule, microbatches=microbatches,
-                                    nan_policy=nan_policy)
+    step = step_lib.make_train_step(
+        graphdef,
+        step_lib.lm_loss_fn,
+        opt,
+        mesh=mesh,
+        rules=rules,
+        state_shardings=shardings,
+        batch_shardings=batch_shardings,
+        schedule=schedule,
+        microbatches=microbatches,
+        nan_policy=nan_policy,
+    )
     return state, step, device_batch
 
 

@@ -21,10 +21,13 @@ def _report(preset, topology, **kwargs):
         gin.clear_config()
 
 
-@pytest.mark.parametrize("preset, topology, chips", [
-    ("qwen2_5_0_5b.gin", "v5e-8", 8),
-    ("qwen2_5_7b.gin", "v5p-32", 16),
-])
+@pytest.mark.parametrize(
+    "preset, topology, chips",
+    [
+        ("qwen2_5_0_5b.gin", "v5e-8", 8),
+        ("qwen2_5_7b.gin", "v5p-32", 16),
+    ],
+)
 def test_preset_compiles_for_slice(preset, topology, chips):
     report = _report(preset, topology, seq_len=1024, global_batch=chips)
     assert report["num_devices"] == chips and report["mesh"]["fsdp"] == chips
@@ -54,6 +57,7 @@ def test_missing_libtpu_fails_clearly(monkeypatch):
 
 def test_multislice_mesh_puts_slices_on_the_slice_axis():
     from qwen_jax.parallel import mesh as mesh_lib
+
     devices = aot.topology_devices("v5e-8", num_slices=2)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(slice=2), devices)
     assert dict(mesh.shape) == {"slice": 2, "data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}

@@ -34,12 +34,15 @@ def test_inferred_axis():
     assert mesh_lib.MeshConfig(data=2, fsdp=-1, tensor=2).axis_sizes(8)["fsdp"] == 2
 
 
-@pytest.mark.parametrize("sizes, message", [
-    (dict(data=3, fsdp=1), "multiply to 3, but there are 8 devices"),
-    (dict(data=3, fsdp=-1), "does not divide the 8 devices"),
-    (dict(data=-1, fsdp=-1), "at most one -1"),
-    (dict(tensor=0), "tensor=0"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(data=3, fsdp=1), "multiply to 3, but there are 8 devices"),
+        (dict(data=3, fsdp=-1), "does not divide the 8 devices"),
+        (dict(data=-1, fsdp=-1), "at most one -1"),
+        (dict(tensor=0), "tensor=0"),
+    ],
+)
 def test_axis_sizes_not_matching_devices(sizes, message):
     with pytest.raises(ValueError, match=message):
         mesh_lib.make_mesh(mesh_lib.MeshConfig(**sizes))
@@ -70,12 +73,21 @@ def test_heads_not_divisible_by_tensor_axis():
 
 
 def test_parameter_not_divisible_names_the_tensor():
-    config = QwenConfig(hidden_size=64, intermediate_size=99, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    config = QwenConfig(
+        hidden_size=64,
+        intermediate_size=99,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(fsdp=4, tensor=2))
     opt, _ = fx.optimizer()
-    with pytest.raises(ValueError, match=r"\['layers'\]\['mlp'\]\['down_proj'\]\['kernel'\]: "
-                                         r"dimension 1 \('mlp', size 99\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['layers'\]\['mlp'\]\['down_proj'\]\['kernel'\]: "
+        r"dimension 1 \('mlp', size 99\)",
+    ):
         state_lib.create_train_state(fx.factory(config), opt, mesh, fx.rules_from_gin())
 
 

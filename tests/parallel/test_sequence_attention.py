@@ -23,8 +23,12 @@ def _inputs(b=4, t=32, heads=4, kv_heads=2, d=8):
     seg = np.where(np.arange(t) < 13, 1, 2)[None].repeat(b, 0).astype(np.int32)
     seg[1, -5:] = 0
     pos = np.where(np.arange(t) < 13, np.arange(t), np.arange(t) - 13)[None].repeat(b, 0)
-    tokens = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos.astype(np.int32),
-                  kv_positions=pos.astype(np.int32))
+    tokens = dict(
+        q_segment_ids=seg,
+        kv_segment_ids=seg,
+        q_positions=pos.astype(np.int32),
+        kv_positions=pos.astype(np.int32),
+    )
     return q, k, v, {name: jnp.asarray(x) for name, x in tokens.items()}
 
 
@@ -48,7 +52,10 @@ def test_sequence_sharded_attention_equals_xla_attention():
 def test_query_blocked_gradients_match():
     q, k, v, tokens = _inputs(b=2, t=16)
     blocked = sequence_attention.query_blocked(attention_lib.xla_attention)
-    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, **tokens)))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, **tokens)))
+
     gin.clear_config()
     gin.bind_parameter("query_block_size.size", 4)
     try:

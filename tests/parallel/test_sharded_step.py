@@ -57,8 +57,9 @@ def test_sharded_step_equals_single_device(name, rules, reference):
     ref_params, ref_losses = reference
     np.testing.assert_allclose(losses, ref_losses, atol=TOLERANCE, rtol=0)
     # The reference moved every parameter; equality to 1e-5 is not trivially true.
-    worst = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
-                         state.params, ref_params)
+    worst = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params, ref_params
+    )
     assert max(jax.tree.leaves(worst)) <= TOLERANCE, worst
 
     if name == "fsdp4_tensor2":
@@ -70,16 +71,30 @@ def test_sharded_step_equals_single_device(name, rules, reference):
 def _check_shardings(state, mesh):
     """Representative tensors carry the sharding the rules give, and so do their Adam moments."""
     expected = {
-        ("layers", "mlp", "gate_proj", "kernel"): (P(None, ("fsdp", "sequence"), "tensor"), (3, 16, 64)),
-        ("layers", "mlp", "down_proj", "kernel"): (P(None, "tensor", ("fsdp", "sequence")), (3, 64, 16)),
-        ("layers", "self_attn", "q_proj", "kernel"): (P(None, ("fsdp", "sequence"), "tensor", None), (3, 16, 2, 16)),
+        ("layers", "mlp", "gate_proj", "kernel"): (
+            P(None, ("fsdp", "sequence"), "tensor"),
+            (3, 16, 64),
+        ),
+        ("layers", "mlp", "down_proj", "kernel"): (
+            P(None, "tensor", ("fsdp", "sequence")),
+            (3, 64, 16),
+        ),
+        ("layers", "self_attn", "q_proj", "kernel"): (
+            P(None, ("fsdp", "sequence"), "tensor", None),
+            (3, 16, 2, 16),
+        ),
         ("layers", "self_attn", "k_proj", "bias"): (P(None, "tensor", None), (3, 1, 16)),
         ("layers", "input_layernorm", "scale"): (P(None, None), (3, 64)),
         ("embed_tokens", "embedding"): (P("tensor", ("fsdp", "sequence")), (128, 16)),
         ("lm_head", "kernel"): (P(("fsdp", "sequence"), "tensor"), (16, 128)),
     }
-    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(
+            state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+        )
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam) == 1
     for path, (spec, shard_shape) in expected.items():
         for tree in (state.params, adam[0].mu, adam[0].nu):

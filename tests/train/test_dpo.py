@@ -27,8 +27,12 @@ def test_step_zero(loss_type):
     config = dpo.DPOConfig(beta=0.1, loss_type=loss_type)
     logps = _logps([-3.0, -7.5, -1.0], [-4.0, -2.0, -9.0])
     loss, metrics = dpo.dpo_loss_and_metrics(config, logps, logps, LENGTHS)
-    expected = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0,
-                "ipo": (1 / (2 * 0.1)) ** 2}[loss_type]
+    expected = {
+        "sigmoid": math.log(2),
+        "robust": math.log(2),
+        "hinge": 1.0,
+        "ipo": (1 / (2 * 0.1)) ** 2,
+    }[loss_type]
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert metrics[key] == 0.0, key
@@ -42,8 +46,10 @@ def test_accuracy_is_strict():
     np.testing.assert_allclose(metrics["rewards/accuracies"], 1 / 3)
 
 
-@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2),
-                                                  ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize(
+    "loss_type,smoothing",
+    [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)],
+)
 def test_losses_match_their_formulas(loss_type, smoothing):
     beta = 0.3
     config = dpo.DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=smoothing)
@@ -51,12 +57,17 @@ def test_losses_match_their_formulas(loss_type, smoothing):
     rc, rr = np.array([-3.5, -6.0, -2.0]), np.array([-3.0, -2.5, -8.0])
     lc, lr = np.asarray(LENGTHS["chosen"]), np.asarray(LENGTHS["rejected"])
     loss, _ = dpo.dpo_loss_and_metrics(config, _logps(pc, pr), _logps(rc, rr), LENGTHS)
-    logsig = lambda x: -np.log1p(np.exp(-x))
+
+    def logsig(x):
+        return -np.log1p(np.exp(-x))
+
     h = (pc - pr) - (rc - rr)
     if loss_type == "sigmoid":
         ref = -(1 - smoothing) * logsig(beta * h) - smoothing * logsig(-beta * h)
     elif loss_type == "robust":
-        ref = (-(1 - smoothing) * logsig(beta * h) + smoothing * logsig(-beta * h)) / (1 - 2 * smoothing)
+        ref = (-(1 - smoothing) * logsig(beta * h) + smoothing * logsig(-beta * h)) / (
+            1 - 2 * smoothing
+        )
     elif loss_type == "hinge":
         ref = np.maximum(0, 1 - beta * h)
     else:
@@ -75,7 +86,8 @@ def test_rpo_adds_the_chosen_nll_per_token(loss_type):
     args = (_logps(pc, pr), _logps(rc, rr), LENGTHS)
     plain, plain_metrics = dpo.dpo_loss_and_metrics(dpo.DPOConfig(loss_type=loss_type), *args)
     rpo, rpo_metrics = dpo.dpo_loss_and_metrics(
-        dpo.DPOConfig(loss_type=loss_type, rpo_alpha=0.5), *args)
+        dpo.DPOConfig(loss_type=loss_type, rpo_alpha=0.5), *args
+    )
     np.testing.assert_allclose(rpo, plain + 0.5 * np.mean(-pc / lc), rtol=1e-6)
     assert rpo_metrics == plain_metrics
 
@@ -87,11 +99,16 @@ def _pair_batch(rng, batch, prompt, response, vocab):
     for side in dpo.SIDES:
         ids = rng.integers(0, vocab, size=(batch, length + 1)).astype(np.int32)
         mask = np.zeros((batch, length), np.float32)
-        mask[:, prompt - 1:] = 1.0
-        out.update({f"{side}_inputs": ids[:, :-1], f"{side}_targets": ids[:, 1:],
-                    f"{side}_loss_mask": mask,
-                    f"{side}_segment_ids": np.ones((batch, length), np.int32),
-                    f"{side}_positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1))})
+        mask[:, prompt - 1 :] = 1.0
+        out.update(
+            {
+                f"{side}_inputs": ids[:, :-1],
+                f"{side}_targets": ids[:, 1:],
+                f"{side}_loss_mask": mask,
+                f"{side}_segment_ids": np.ones((batch, length), np.int32),
+                f"{side}_positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+            }
+        )
     return out
 
 
@@ -104,9 +121,15 @@ def _direct_summed_logps(model, batch, side):
 
 
 def test_loss_fn_on_random_models_equals_direct_computation():
-    config = QwenConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
-                        initializer_range=0.2)
+    config = QwenConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        initializer_range=0.2,
+    )
     policy = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
     reference = Qwen2ForCausalLM(config, rngs=nnx.Rngs(1))
     frozen = nnx.to_pure_dict(nnx.state(reference, nnx.Param))
@@ -118,12 +141,18 @@ def test_loss_fn_on_random_models_equals_direct_computation():
     pol = {s: _direct_summed_logps(policy, batch, s) for s in dpo.SIDES}
     ref = {s: _direct_summed_logps(reference, batch, s) for s in dpo.SIDES}
     h = (pol["chosen"] - pol["rejected"]) - (ref["chosen"] - ref["rejected"])
-    np.testing.assert_allclose(loss_sum / aux["weight"], np.mean(np.log1p(np.exp(-0.1 * h))),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        loss_sum / aux["weight"], np.mean(np.log1p(np.exp(-0.1 * h))), rtol=1e-5
+    )
     rc, rr = 0.1 * (pol["chosen"] - ref["chosen"]), 0.1 * (pol["rejected"] - ref["rejected"])
-    expected = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
-                "rewards/margins": (rc - rr).mean(), "rewards/accuracies": (rc > rr).mean(),
-                "logps/chosen": pol["chosen"].mean(), "logps/rejected": pol["rejected"].mean()}
+    expected = {
+        "rewards/chosen": rc.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/margins": (rc - rr).mean(),
+        "rewards/accuracies": (rc > rr).mean(),
+        "logps/chosen": pol["chosen"].mean(),
+        "logps/rejected": pol["rejected"].mean(),
+    }
     assert aux["weight"] == 4
     for key, value in expected.items():
         np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

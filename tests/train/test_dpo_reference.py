@@ -11,22 +11,38 @@ import train_runs as runs
 from qwen_jax.checkpoint import model_io
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.transformer import Qwen2ForCausalLM
+from qwen_jax import cli
+from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
 from qwen_jax.train import loop, reference
 
 # rewards/accuracies is left out: it counts margins > 0, and the first steps' margins are float
 # noise around 0 (policy == reference) that either computation may round to either side.
-TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-               "logps/rejected")
+TRL_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_reference")
     data = runs.write_data(root / "data")
-    config = QwenConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=640,
-                        max_position_embeddings=128, tie_word_embeddings=True,
-                        bos_token_id=545, eos_token_id=545)
+    config = QwenConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=640,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=545,
+        eos_token_id=545,
+    )
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(1))
     model_io.save_model_checkpoint(root / "init", model_io.model_params(model), config)
     return root, data
@@ -37,16 +53,25 @@ def _train(workdir, setup, *, precompute: bool, steps: int = 3, init: bool = Tru
     gin.clear_config()
     # Without an initial checkpoint the architecture comes from gin.
     files = ["configs/demo/dpo.gin"] + ([] if init else ["configs/demo/model.gin"])
-    loop.parse_gin(files, [
-        f"PREFERENCE_TRAIN = '{data['preference_train.jsonl']}'",
-        f"PREFERENCE_EVAL = '{data['preference_eval.jsonl']}'",
-        f"INIT_FROM = {repr(str(root / 'init')) if init else None}",
-        f"DPO_STEPS = {steps}", "optimizer.warmup_cosine.warmup_steps = 1",
-        "tasks.DPOTask.batch_size = 8", "tasks.DPOTask.eval_batch_size = 8",
-        "tasks.DPOTask.prompt_len = 32", "tasks.DPOTask.response_len = 8",
-        "tasks.DPOTask.max_new_tokens = 4", "loop.train.log_every = 1",
-        "loop.train.eval_at_start = False",
-        f"tasks.DPOTask.precompute_reference = {precompute}"])
+    cli.parse_gin(
+        files,
+        [
+            f"loop.train.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
+            f"PREFERENCE_TRAIN = '{data['preference_train.jsonl']}'",
+            f"PREFERENCE_EVAL = '{data['preference_eval.jsonl']}'",
+            f"INIT_FROM = {repr(str(root / 'init')) if init else None}",
+            f"DPO_STEPS = {steps}",
+            "optimizer.warmup_cosine.warmup_steps = 1",
+            "tasks.DPOTask.batch_size = 8",
+            "tasks.DPOTask.eval_batch_size = 8",
+            "tasks.DPOTask.seq_len = 40",
+            "tasks.DPOTask.prompt_len = 32",
+            "tasks.DPOTask.max_new_tokens = 4",
+            "loop.train.log_every = 1",
+            "loop.train.eval_at_start = False",
+            f"tasks.DPOTask.precompute_reference = {precompute}",
+        ],
+    )
     try:
         return loop.train(str(workdir))
     finally:
@@ -61,13 +86,17 @@ def test_precomputed_reference_equals_reference_in_the_step(setup, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         for key in TRL_METRICS:
-            np.testing.assert_allclose(b[step][key], a[step][key], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"step {step} {key}")
+            np.testing.assert_allclose(
+                b[step][key], a[step][key], rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}"
+            )
     for key in TRL_METRICS:
-        np.testing.assert_allclose(table.eval[key], in_step.eval[key], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"eval {key}")
-    pa, pb = runs.flat(runs.load_params(tmp_path / "in_step", 3)), runs.flat(
-        runs.load_params(tmp_path / "table", 3))
+        np.testing.assert_allclose(
+            table.eval[key], in_step.eval[key], rtol=1e-5, atol=1e-6, err_msg=f"eval {key}"
+        )
+    pa, pb = (
+        runs.flat(runs.load_params(tmp_path / "in_step", 3)),
+        runs.flat(runs.load_params(tmp_path / "table", 3)),
+    )
     for name in pa:
         np.testing.assert_allclose(pb[name], pa[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -77,8 +106,11 @@ def test_precomputed_reference_equals_reference_in_the_step(setup, tmp_path):
     path = tmp_path / "table" / reference.TABLE_FILE
     stored = reference.load_table(str(path))
     root, data = setup
-    lines = sum(1 for name in ("preference_train.jsonl", "preference_eval.jsonl")
-                for _ in open(data[name], encoding="utf-8"))
+    lines = sum(
+        1
+        for name in ("preference_train.jsonl", "preference_eval.jsonl")
+        for _ in open(data[name], encoding="utf-8")
+    )
     assert len(stored) == lines
     assert all(c < 0 and r < 0 for c, r in stored.values())
 

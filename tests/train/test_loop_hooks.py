@@ -13,8 +13,11 @@ PRETRAIN = ["configs/demo/pretrain.gin"]
 
 def test_profile_steps_write_a_trace(tmp_path):
     data = runs.write_data(tmp_path / "data")
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + [
-        "loop.train.total_steps = 4", "loop.train.profile_steps = (2, 1)"]
+    params = (
+        runs.TINY_PRETRAIN
+        + runs.data_params(data)
+        + ["loop.train.total_steps = 4", "loop.train.profile_steps = (2, 1)"]
+    )
     runs.run(tmp_path / "run", PRETRAIN, params)
     traces = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 0, traces
@@ -24,11 +27,17 @@ def test_nan_policy_stop_exits_nonzero_and_keeps_the_last_good_checkpoint(tmp_pa
     data = runs.write_data(tmp_path / "data")
     # A learning rate of 1e30 leaves finite but huge parameters after step 1, so the loss of
     # step 2 overflows to a non-finite value.
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + [
-        "loop.train.total_steps = 6", "loop.train.nan_policy = 'stop'",
-        "optimizer.warmup_stable_decay.warmup_steps = 0",
-        "optimizer.warmup_stable_decay.peak_lr = 1e30",
-        "manager.CheckpointConfig.every_steps = 1"]
+    params = (
+        runs.TINY_PRETRAIN
+        + runs.data_params(data)
+        + [
+            "loop.train.total_steps = 6",
+            "loop.train.nan_policy = 'stop'",
+            "optimizer.warmup_stable_decay.warmup_steps = 0",
+            "optimizer.warmup_stable_decay.peak_lr = 1e30",
+            "manager.CheckpointConfig.every_steps = 1",
+        ]
+    )
     result = runs.run(tmp_path / "run", PRETRAIN, params, check=False)
     assert result.returncode != 0
     assert "non-finite loss or gradients at step 2" in result.stderr

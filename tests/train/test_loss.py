@@ -27,15 +27,16 @@ def _reference(hidden, kernel, targets, mask, z_loss):
     top = logits.max(-1, keepdims=True)
     lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
     target = np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
-    return np.sum((lse - target + z_loss * lse ** 2) * mask), lse, target
+    return np.sum((lse - target + z_loss * lse**2) * mask), lse, target
 
 
 @pytest.mark.parametrize("chunk_size", [4, 32, 1000])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
 def test_chunked_cross_entropy_matches_definition(chunk_size, z_loss):
     hidden, kernel, targets, mask = _inputs()
-    loss, weight, aux = chunked_cross_entropy(hidden, kernel, targets, mask,
-                                              chunk_size=chunk_size, z_loss=z_loss)
+    loss, weight, aux = chunked_cross_entropy(
+        hidden, kernel, targets, mask, chunk_size=chunk_size, z_loss=z_loss
+    )
     expected, _, _ = _reference(hidden, kernel, targets, mask, z_loss)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert float(weight) == float(mask.sum())
@@ -44,11 +45,14 @@ def test_chunked_cross_entropy_matches_definition(chunk_size, z_loss):
         logits = jnp.einsum("btd,dv->btv", h, k)
         lse = jax.nn.logsumexp(logits, -1)
         tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        return jnp.sum((lse - tgt + z_loss * lse ** 2) * mask)
+        return jnp.sum((lse - tgt + z_loss * lse**2) * mask)
 
-    chunked = lambda h, k: chunked_cross_entropy(h, k, targets, mask, chunk_size=chunk_size,
-                                                 z_loss=z_loss)[0]
-    for got, want in zip(jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(full, (0, 1))(hidden, kernel)):
+    def chunked(h, k):
+        return chunked_cross_entropy(h, k, targets, mask, chunk_size=chunk_size, z_loss=z_loss)[0]
+
+    for got, want in zip(
+        jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(full, (0, 1))(hidden, kernel)
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

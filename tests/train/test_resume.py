@@ -62,16 +62,21 @@ def test_kill_9_then_resume_is_exact(data, reference_run, tmp_path):
     # A save cut short: Orbax finalizes a step by renaming its temporary directory, so an
     # interrupted save is a temporary directory. The run must resume from the previous step.
     checkpoints = os.path.join(tmp_path, "checkpoints")
-    os.rename(os.path.join(checkpoints, "40"),
-              os.path.join(checkpoints, "40.orbax-checkpoint-tmp-1234567890"))
+    os.rename(
+        os.path.join(checkpoints, "40"),
+        os.path.join(checkpoints, "40.orbax-checkpoint-tmp-1234567890"),
+    )
     result = runs.run(tmp_path, GIN, params)
     assert "resumed from" in result.stderr and "/35" in result.stderr
     _assert_same_run(tmp_path, reference_run)
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(data, tmp_path):
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + [
-        "manager.CheckpointConfig.every_steps = 1000"]
+    params = (
+        runs.TINY_PRETRAIN
+        + runs.data_params(data)
+        + ["manager.CheckpointConfig.every_steps = 1000"]
+    )
     proc = runs.start(tmp_path, GIN, params)
     _wait_for_step(tmp_path, proc, 3)
     proc.send_signal(signal.SIGTERM)

@@ -29,8 +29,10 @@ def test_weight_decay_skips_norms_and_biases():
 def test_adamw_decays_only_masked_parameters():
     """With zero gradients, AdamW moves decayed weights by -lr*wd*w and leaves the rest alone."""
     tx, _ = optimizer_lib.make_optimizer(optimizer_lib.constant(0.5), weight_decay=0.1)
-    params = {"layers": {"w": np.ones((2, 3, 3), np.float32), "bias": np.ones((2, 3), np.float32)},
-              "norm": {"scale": np.ones(3, np.float32)}}
+    params = {
+        "layers": {"w": np.ones((2, 3, 3), np.float32), "bias": np.ones((2, 3), np.float32)},
+        "norm": {"scale": np.ones(3, np.float32)},
+    }
     updates, _ = tx.update(jax.tree.map(np.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(updates["layers"]["w"], -0.05)
     np.testing.assert_allclose(updates["layers"]["bias"], 0.0)
@@ -38,20 +40,24 @@ def test_adamw_decays_only_masked_parameters():
 
 
 def test_warmup_stable_decay():
-    schedule = optimizer_lib.warmup_stable_decay(peak_lr=1.0, warmup_steps=10, stable_steps=20,
-                                                 decay_steps=10, floor_lr=0.1)
+    schedule = optimizer_lib.warmup_stable_decay(
+        peak_lr=1.0, warmup_steps=10, stable_steps=20, decay_steps=10, floor_lr=0.1
+    )
     values = [float(schedule(s)) for s in (0, 5, 10, 29, 35, 40, 100)]
     np.testing.assert_allclose(values, [0.0, 0.5, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
     # An anneal stage owning steps 30.. of the same schedule.
-    stage = optimizer_lib.warmup_stable_decay(peak_lr=1.0, warmup_steps=10, stable_steps=20,
-                                              decay_steps=10, floor_lr=0.1, step_offset=30)
+    stage = optimizer_lib.warmup_stable_decay(
+        peak_lr=1.0, warmup_steps=10, stable_steps=20, decay_steps=10, floor_lr=0.1, step_offset=30
+    )
     np.testing.assert_allclose(float(stage(5)), 0.55, atol=1e-6)
     with pytest.raises(ValueError, match="decay_shape"):
         optimizer_lib.warmup_stable_decay(peak_lr=1.0, stable_steps=1, decay_shape="exp")
 
 
 def test_warmup_cosine():
-    schedule = optimizer_lib.warmup_cosine(peak_lr=1.0, warmup_steps=10, total_steps=110,
-                                           final_lr_fraction=0.1)
-    np.testing.assert_allclose([float(schedule(s)) for s in (0, 10, 60, 110)],
-                               [0.0, 1.0, 0.55, 0.1], atol=1e-6)
+    schedule = optimizer_lib.warmup_cosine(
+        peak_lr=1.0, warmup_steps=10, total_steps=110, final_lr_fraction=0.1
+    )
+    np.testing.assert_allclose(
+        [float(schedule(s)) for s in (0, 10, 60, 110)], [0.0, 1.0, 0.55, 0.1], atol=1e-6
+    )

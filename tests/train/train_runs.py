@@ -12,12 +12,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qwen_jax.data import demo_corpus
+from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A 2-layer model on the demo corpus, two stages (the second with longer rows and a new RoPE
 # theta), logging every step.
 TINY_PRETRAIN = [
+    f"loop.train.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
     "config.QwenConfig.hidden_size = 32",
     "config.QwenConfig.intermediate_size = 64",
     "config.QwenConfig.num_hidden_layers = 2",
@@ -40,14 +42,19 @@ def write_data(directory) -> dict[str, str]:
 
 
 def data_params(paths: dict[str, str]) -> list[str]:
-    return [f"PRETRAIN_TEXT = '{paths['pretrain.jsonl']}'",
-            f"LONG_TEXT = '{paths['long_docs.jsonl']}'",
-            f"PRETRAIN_EVAL_TEXT = '{paths['pretrain_eval.jsonl']}'"]
+    return [
+        f"PRETRAIN_TEXT = '{paths['pretrain.jsonl']}'",
+        f"LONG_TEXT = '{paths['long_docs.jsonl']}'",
+        f"PRETRAIN_EVAL_TEXT = '{paths['pretrain_eval.jsonl']}'",
+    ]
 
 
 def command(workdir, gin_files, params) -> list[str]:
-    return ([sys.executable, "-m", "qwen_jax.train", f"--workdir={workdir}"]
-            + [f"--gin_file={f}" for f in gin_files] + [f"--gin_param={p}" for p in params])
+    return (
+        [sys.executable, "-m", "qwen_jax.train", f"--workdir={workdir}"]
+        + [f"--gin_file={f}" for f in gin_files]
+        + [f"--gin_param={p}" for p in params]
+    )
 
 
 def env() -> dict:
@@ -61,18 +68,28 @@ def env() -> dict:
 
 
 def run(workdir, gin_files, params, *, extra_env=None, check=True, timeout=600):
-    result = subprocess.run(command(workdir, gin_files, params), cwd=REPO_ROOT,
-                            env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        command(workdir, gin_files, params),
+        cwd=REPO_ROOT,
+        env={**env(), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode:
         raise AssertionError(f"exit {result.returncode}\n{result.stderr[-5000:]}")
     return result
 
 
 def start(workdir, gin_files, params, *, extra_env=None) -> subprocess.Popen:
-    return subprocess.Popen(command(workdir, gin_files, params), cwd=REPO_ROOT,
-                            env={**env(), **(extra_env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command(workdir, gin_files, params),
+        cwd=REPO_ROOT,
+        env={**env(), **(extra_env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def train_records(workdir, split: str = "train") -> dict[int, dict]:
@@ -100,5 +117,7 @@ def load_params(workdir, step: int) -> dict:
 
 def flat(tree) -> dict[str, np.ndarray]:
     import jax
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    return {
+        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }

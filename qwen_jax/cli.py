@@ -1,0 +1,133 @@
+"""What every `python -m qwen_jax...` entry point shares: the gin flags, gin parsing (T5X-style
+search path: the working directory, then the repository root), and bad input reported as one
+`error:` line with exit status 1 (the traceback goes to the log at debug level).
+
+    def main(argv):
+        return cli.run(lambda: ...work...)
+
+gin's own messages for unbound required values are rewritten into what to pass on the command
+line, e.g. `error: CHAT_TRAIN is required: set it with --gin_param=CHAT_TRAIN=...`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags, logging
+
+GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order")
+GIN_PARAM = flags.DEFINE_multi_string("gin_param", [], "gin bindings applied after the files")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Used when no gin file configures a mesh: every local device on the `fsdp` axis.
+DEFAULT_MESH_FILE = "configs/mesh/fsdp.gin"
+
+_REQUIRED_MACRO = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
+_REQUIRED_ARGS = re.compile(r"Required bindings for `(\S+)` not provided in config: \[(.*)\]")
+
+
+class UserError(ValueError):
+    """Bad input whose message is already the one line the user should read."""
+
+
+def _find(file: str) -> None:
+    if not any(os.path.exists(os.path.join(root, file)) for root in (os.getcwd(), REPO_ROOT)):
+        raise UserError(f"--gin_file={file}: not found in {os.getcwd()} or {REPO_ROOT}")
+
+
+def _binds(name: str) -> bool:
+    import gin
+
+    try:
+        gin.query_parameter(name)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_gin(
+    files: Sequence[str],
+    params: Sequence[str],
+    *,
+    default_mesh: bool = False,
+    defaults: Sequence[str] = (),
+) -> None:
+    """Parses `defaults` (bindings), then `files`, then `params`, and finalizes the config.
+
+    default_mesh: when nothing binds the logical-axis rules (no mesh gin file), parse
+      `DEFAULT_MESH_FILE` first and say so in the log.
+    """
+    import gin
+
+    gin.add_config_file_search_path(os.getcwd())
+    gin.add_config_file_search_path(REPO_ROOT)
+    for file in files:
+        _find(file)
+    try:
+        gin.parse_config(list(defaults))
+        gin.parse_config_files_and_bindings(files, params, finalize_config=False)
+        if default_mesh and not _binds("logical_rules.rules"):
+            import jax
+
+            logging.info(
+                "no mesh gin file given: using %s (all %d local devices on the fsdp axis)",
+                DEFAULT_MESH_FILE,
+                jax.local_device_count(),
+            )
+            gin.clear_config()
+            gin.parse_config([*defaults, f"include '{DEFAULT_MESH_FILE}'"])
+            gin.parse_config_files_and_bindings(files, params, finalize_config=False)
+        gin.finalize()
+    except (ValueError, SyntaxError, ImportError, OSError) as e:
+        raise UserError(gin_message(e)) from e
+
+
+def mesh_from_flags():
+    """(mesh, logical rules) when --gin_file/--gin_param are given (they must configure a mesh,
+    e.g. configs/mesh/fsdp.gin), else (None, None): everything on the first device."""
+    if not GIN_FILE.value and not GIN_PARAM.value:
+        return None, None
+    from qwen_jax.parallel import mesh as mesh_lib
+
+    parse_gin(GIN_FILE.value, GIN_PARAM.value)
+    return mesh_lib.make_mesh(), mesh_lib.logical_rules()
+
+
+def gin_message(error: BaseException) -> str:
+    """gin's error as one line; unbound required values as the flag that binds them."""
+    text = str(error)
+    if match := _REQUIRED_MACRO.search(text):
+        name = match.group(1)
+        return f"{name} is required: set it with --gin_param={name}=..."
+    if match := _REQUIRED_ARGS.search(text):
+        names = [
+            f"{match.group(1)}.{a.strip(chr(39) + chr(34) + ' ')}"
+            for a in match.group(2).split(",")
+        ]
+        return (
+            f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required: set with "
+            + " ".join(f"--gin_param={n}=..." for n in names)
+        )
+    return "gin: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def one_line(error: BaseException) -> str:
+    if isinstance(error, RuntimeError) and _REQUIRED_ARGS.search(str(error)):
+        return gin_message(error)
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def run(work: Callable[[], object]) -> int:
+    """Runs an entry point's work: 0 on success; bad input (ValueError, OSError, RuntimeError,
+    including gin's) is one `error:` line on stderr and 1."""
+    try:
+        work()
+    except (ValueError, OSError, RuntimeError) as e:
+        logging.debug("error", exc_info=True)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return 0

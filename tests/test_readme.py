@@ -1,0 +1,141 @@
+"""Every shell command in README.md runs in a test, as written plus step and size overrides, so
+the README cannot drift from the code. The fine-tuning commands run in test_finetune_flow.py, the
+demo in test_demo.py; the install and test commands are what .ci/run runs."""
+
+import glob
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+import readme_commands as readme
+from qwen_jax.data import demo_corpus
+from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# Run by .ci/run itself (in a fresh virtual environment): the install and the test command.
+CI_RUN = (
+    "python3 -m venv .venv && . .venv/bin/activate",
+    "pip install -e '.[test,tpu,seqio]'",
+    "python -m pytest -q tests",
+)
+
+
+def test_every_readme_command_is_run_by_a_test():
+    used = set()
+    for path in glob.glob(os.path.join(TESTS, "**", "*.py"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            used.update(re.findall(r'readme\.command\(\s*"([^"]+)"', f.read()))
+    commands = readme.commands()
+    assert len(commands) >= 12
+    unrun = [c for c in commands if c not in CI_RUN and not any(c.startswith(u) for u in used)]
+    assert not unrun, unrun
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    with open(os.path.join(readme.REPO_ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    commands = readme.commands()
+    for command in CI_RUN:
+        assert command in commands, command
+    assert "pip install --quiet -e '.[test,tpu,seqio]'" in ci
+    assert "\npython -m pytest -q tests\n" in ci
+
+
+def test_model_info():
+    result = readme.run(readme.command("python -m qwen_jax.model_info"), readme.REPO_ROOT)
+    assert json.loads(result.stdout)["parameters"] == 72_706_203_648
+
+
+def test_aot_compile_for_a_tpu_slice():
+    pytest.importorskip("libtpu")
+    result = readme.run(
+        readme.command("python -m qwen_jax.aot"),
+        readme.REPO_ROOT,
+        "--gin_file=configs/models/qwen2_5_0_5b.gin",
+        "--gin_param=config.QwenConfig.num_hidden_layers=2",
+        "--topology=v5e-8",
+        "--seq_len=512",
+        "--global_batch=8",
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["num_devices"] == 8 and report["fits"]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A working directory with `corpus/<source>/*.jsonl` and `tokenizer/tokenizer.json`."""
+    work = tmp_path_factory.mktemp("readme")
+    docs = demo_corpus.demo_records("pretrain.jsonl", scale=0.02)
+    for name in ("web", "code", "math", "books", "instruct", "long"):
+        (work / "corpus" / name).mkdir(parents=True)
+        demo_corpus.write_jsonl(work / "corpus" / name / "part-0.jsonl", docs)
+    (work / "tokenizer").mkdir()
+    return work
+
+
+def test_prepare(corpus_dir):
+    shutil.copy(DEMO_TOKENIZER_PATH, corpus_dir / "tokenizer" / "tokenizer.json")
+    readme.run(readme.command("python -m qwen_jax.data.prepare"), corpus_dir, "--workers=1")
+    metadata = json.loads((corpus_dir / "corpus" / "web_tok" / "metadata.json").read_text())
+    assert metadata["documents"] == 60
+
+
+def test_bench_data():
+    result = readme.run(
+        readme.command("python -m qwen_jax.bench.data"),
+        readme.REPO_ROOT,
+        "--docs=100",
+        "--seq_len=256",
+        f"--tokenizer={DEMO_TOKENIZER_PATH}",
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1])["pipeline_tokens_per_s"] > 0
+
+
+def test_bench_step():
+    result = readme.run(
+        readme.command("python -m qwen_jax.bench.step"),
+        readme.REPO_ROOT,
+        "--gin_file=configs/demo/model.gin",
+        "--seq_len=64",
+        "--batch=2",
+        "--steps=2",
+    )
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
+
+
+def test_pretrain_in_stages(corpus_dir, qwen_tokenizer_path, tmp_path):
+    """The staged recipe with a 7B preset shrunk to 2 layers of width 32, 2 steps a stage."""
+    shutil.copy(qwen_tokenizer_path, corpus_dir / "tokenizer" / "tokenizer.json")
+    sizes = [
+        "hidden_size=32",
+        "intermediate_size=64",
+        "num_hidden_layers=2",
+        "num_attention_heads=4",
+        "num_key_value_heads=2",
+    ]
+    stages = [
+        f"{s}/config.DataStage.{field}={value}"
+        for s in ("stage1_4k", "stage2_32k", "anneal")
+        for field, value in (("seq_len", 64), ("batch_size", 2))
+    ]
+    workdir = tmp_path / "run"
+    readme.run(
+        readme.command("python -m qwen_jax.train --gin_file=configs/models/qwen2_5_7b.gin"),
+        corpus_dir,
+        *[f"--gin_param=config.QwenConfig.{s}" for s in sizes],
+        *[f"--gin_param={s}" for s in stages],
+        "--gin_param=STAGE1_STEPS=2",
+        "--gin_param=STAGE2_STEPS=2",
+        "--gin_param=ANNEAL_STEPS=2",
+        "--gin_param=WARMUP_STEPS=1",
+        "--gin_param=STABLE_STEPS=3",
+        "--gin_param=loop.train.log_every=1",
+        f"--workdir={workdir}",
+    )
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    labels = [r["label"] for r in records if r["split"] == "train"]
+    assert labels == ["stage=stage1_4k"] * 2 + ["stage=stage2_32k"] * 2 + ["stage=anneal"] * 2
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
