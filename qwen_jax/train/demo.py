@@ -1,17 +1,18 @@
 """The embedded end-to-end demo: pre-train, SFT, DPO and export a tiny Qwen2.5-architecture model
 on the synthetic corpus shipped with qwen_jax, on a laptop CPU.
 
-  python -m qwen_jax.train.demo --workdir=/tmp/demo [--seed=0] [--gin_file=configs/demo/ci.gin]
-      [--gin_param=...]
+  python -m qwen_jax.train.demo --workdir=/tmp/demo [--seed=0] [--gin_file=...] [--gin_param=...]
 
 Phases (each a `qwen_jax.train` run with its own gin file, in workdir/<phase>; extra --gin_file
-and --gin_param apply to every phase, e.g. shorter runs in CI):
-  1. pretrain  configs/demo/pretrain.gin: two stages, 128-token rows with RoPE theta 1e4, then
-               512-token rows with long documents and theta 1e6; names the demo tokenizer
+and --gin_param apply to every phase):
+  1. pretrain  configs/demo/pretrain.gin: two stages, 400 steps of 128-token rows with RoPE
+               theta 1e4, then 20 of 512-token rows with long documents and theta 1e6; names
+               the demo tokenizer
   2. sft       configs/demo/sft.gin, from the last pre-training step (and its tokenizer)
   3. dpo       configs/demo/dpo.gin, from the last SFT step (also the frozen reference)
   4. export    workdir/hf: a Hugging Face checkpoint with the tokenizer that travelled along
-It ends with a table of before/after figures, also written to workdir/demo_results.json.
+It ends with a table of before/after figures, also written to workdir/demo_results.json, with
+the pre-trained model's recall of the demo world's questions. About 6 minutes on 2 CPU cores.
 A phase already completed in the workdir resumes (and so is skipped) on a second invocation.
 """
 
