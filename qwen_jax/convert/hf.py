@@ -434,12 +434,24 @@ def save_model(
         }
         with open(os.path.join(staging, GENERATION_CONFIG), "w") as f:
             json.dump(generation, f, indent=2)
+        _public(staging)
         if os.path.exists(directory):
             os.rmdir(directory)  # empty, checked above
         os.rename(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _public(directory: str) -> None:
+    """Gives `directory` and its files the modes the umask gives new ones: mkdtemp makes the
+    directory private (0700) and safetensors writes its files 0600, and both modes would survive
+    the rename, so a serving container or another user could not read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def _default_generation_config(config: QwenConfig, directory: str) -> dict:

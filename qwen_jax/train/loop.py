@@ -249,6 +249,13 @@ def train(
     )
     if jax.process_index() == 0:
         run_tokenizer.keep(workdir, tokenizer_path)
+    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), checkpoint)
+    step = checkpointer.latest_step()
+    if step is not None and total_steps is not None and step >= total_steps:
+        # A scheduler that retries until exit 0, or a kill after the final save, lands here.
+        checkpointer.close()
+        logging.info("the run in %s is complete at step %d: nothing to do", workdir, step)
+        return Result(step=step, workdir=workdir, train={}, eval={}, eval_at_start={})
     if precompute:
         from qwen_jax.checkpoint.model_io import load_model
 
@@ -265,8 +272,6 @@ def train(
         rules,
         with_frozen=task.needs_frozen,
     )
-    checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), checkpoint)
-    step = checkpointer.latest_step()
     if step is not None:
         restored = checkpointer.restore(
             step, params=state.params, opt_state=state.opt_state, frozen=state.frozen
@@ -354,6 +359,7 @@ def train(
         return scalars
 
     window_start, window_steps = time.monotonic(), 0
+    first_step = step
     profiling = preempted = False
     try:
         while total_steps is None or step < total_steps:
@@ -406,7 +412,7 @@ def train(
             if checkpointer.should_save(step):
                 save(step)
             stage = next_stage
-        if step > 0 and not preempted:
+        if step > first_step and not preempted:
             save(step)
             if not eval_every or step % eval_every:
                 last_eval = evaluate(step, stage)

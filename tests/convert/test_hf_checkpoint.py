@@ -203,3 +203,14 @@ def test_failed_export_leaves_nothing(small_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="none of"):
         hf.save_model(hf.load_model(small_checkpoint), out, tokenizer_dir=tmp_path / "absent")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_an_export_is_readable_by_other_users(small_checkpoint, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        hf.save_model(hf.load_model(small_checkpoint), tmp_path / "export")
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "export").st_mode & 0o777 == 0o755
+    for name in os.listdir(tmp_path / "export"):
+        assert os.stat(tmp_path / "export" / name).st_mode & 0o777 == 0o644, name

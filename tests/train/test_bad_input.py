@@ -139,3 +139,14 @@ def test_an_unknown_data_format_names_the_file_and_its_fields(data, tmp_path):
     )
     assert "['answer', 'question']" in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_rerunning_a_finished_run_is_a_no_op_and_a_larger_total_continues(data, tmp_path):
+    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["loop.train.total_steps = 3"]
+    runs.run(tmp_path / "w", GIN, params)
+    again = runs.run(tmp_path / "w", GIN, params)
+    assert "is complete at step 3: nothing to do" in again.stderr
+    assert runs.checkpoint_steps(tmp_path / "w") == [3]
+    runs.run(tmp_path / "w", GIN, params + ["loop.train.total_steps = 5"])
+    assert runs.checkpoint_steps(tmp_path / "w")[-1] == 5
+    assert sorted(runs.train_records(tmp_path / "w")) == [1, 2, 3, 4, 5]
