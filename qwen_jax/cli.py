@@ -26,6 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MESH_FILE = "configs/mesh/fsdp.gin"
 
 _REQUIRED_MACRO = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
+QUOTES = "'\" "  # around the names in gin's list of unbound arguments
 _REQUIRED_ARGS = re.compile(r"Required bindings for `(\S+)` not provided in config: \[(.*)\]")
 
 
@@ -103,10 +104,7 @@ def gin_message(error: BaseException) -> str:
         name = match.group(1)
         return f"{name} is required: set it with --gin_param={name}=..."
     if match := _REQUIRED_ARGS.search(text):
-        names = [
-            f"{match.group(1)}.{a.strip(chr(39) + chr(34) + ' ')}"
-            for a in match.group(2).split(",")
-        ]
+        names = [f"{match.group(1)}.{a.strip(QUOTES)}" for a in match.group(2).split(",")]
         return (
             f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required: set with "
             + " ".join(f"--gin_param={n}=..." for n in names)
