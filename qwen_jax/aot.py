@@ -27,11 +27,10 @@ from absl import app, flags
 from flax import nnx
 
 from qwen_jax import cli
-from qwen_jax.model.config import QwenConfig, parameter_count
+from qwen_jax.model.config import QwenConfig, model_flops_per_token, parameter_count
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 from qwen_jax.parallel import mesh as mesh_lib
-from qwen_jax.parallel import sequence_attention  # noqa: F401  (registers sequence_sharded)
 from qwen_jax.train import optimizer as optimizer_lib
 from qwen_jax.train import state as state_lib
 from qwen_jax.train import step as step_lib
@@ -117,19 +116,6 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     return list(topologies.get_topology_desc(libtpu_topology(name), "tpu", **kwargs).devices)
 
 
-def model_flops_per_step(config, tokens: int, seq_len: int) -> float:
-    """6·N·tokens for the matmul parameters (the input embedding is a lookup: no FLOPs, unless
-    tied, where it is also the output layer) plus causal attention: 6·L·H·D·T per token (QKᵀ and
-    PV, forward and backward, half of the T×T scores)."""
-    n = parameter_count(config)
-    if not config.tie_word_embeddings:
-        n -= config.vocab_size * config.hidden_size
-    attention = (
-        6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    )
-    return float((6 * n + attention) * tokens)
-
-
 def compile_report(
     *,
     topology: str,
@@ -137,24 +123,24 @@ def compile_report(
     global_batch: int,
     num_slices: int = 1,
     microbatches: int = 1,
-    config=None,
-    runtime=None,
-    mesh_config=None,
-    rules=None,
+    config: QwenConfig,
+    runtime: Runtime,
+    mesh_config: mesh_lib.MeshConfig,
+    rules,
 ) -> dict[str, Any]:
-    """Compiles the train step for `topology` and returns the report (gin supplies what is None)."""
-    config = config or QwenConfig()
-    runtime = runtime or Runtime()
-    mesh_config = mesh_config or mesh_lib.MeshConfig(slice=num_slices)
-    rules = rules or mesh_lib.logical_rules()
+    """Compiles the train step for `topology` and returns the report."""
     devices = topology_devices(topology, num_slices)
     mesh = mesh_lib.make_mesh(mesh_config, devices)
     mesh_lib.check_model_fits_mesh(config, mesh)
     mesh_lib.check_batch(mesh, global_batch, seq_len)
     optimizer, schedule = optimizer_lib.make_optimizer(optimizer_lib.constant(1e-4))
 
-    state, graphdef, shardings = state_lib.abstract_train_state(
-        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)), optimizer, mesh, rules
+    state, graphdef, shardings = state_lib.create_train_state(
+        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)),
+        optimizer,
+        mesh,
+        rules,
+        abstract=True,
     )
     batch_sharding = mesh_lib.batch_sharding(mesh, rules, global_batch, seq_len)
     batch = {
@@ -198,7 +184,7 @@ def compile_report(
         "compute_dtype": runtime.dtype,
         "param_dtype": runtime.param_dtype,
         "hbm_per_chip_bytes": hbm,
-        "model_flops_per_step": model_flops_per_step(config, global_batch * seq_len, seq_len),
+        "model_flops_per_step": model_flops_per_token(config, seq_len) * global_batch * seq_len,
     }
     try:
         compiled = lowered.compile()
@@ -257,24 +243,34 @@ def parse_gin(files, params, defaults=()) -> None:
     cli.parse_gin(files, params, defaults=[*DEFAULTS, *defaults])
 
 
-def main(argv) -> int:
-    del argv
+def report_from_gin(**kwargs) -> dict[str, Any]:
+    """`compile_report` for the model, runtime, mesh and rules the parsed gin files bind (the
+    mesh's `slice` axis defaults to `num_slices`)."""
+    from qwen_jax import configurables
+
+    num_slices = kwargs.get("num_slices", 1)
+    return compile_report(
+        config=configurables.QwenConfig(),
+        runtime=configurables.Runtime(),
+        mesh_config=configurables.MeshConfig(slice=num_slices),
+        rules=configurables.logical_rules(),
+        **kwargs,
+    )
+
+
+def main() -> None:
     if not _TOPOLOGY.value or not _GLOBAL_BATCH.value:
         raise app.UsageError("--topology and --global_batch are required")
-
-    def work():
-        parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
-        report = compile_report(
-            topology=_TOPOLOGY.value,
-            seq_len=_SEQ_LEN.value,
-            global_batch=_GLOBAL_BATCH.value,
-            num_slices=_NUM_SLICES.value,
-            microbatches=_MICROBATCHES.value,
-        )
-        print(json.dumps(report))
-
-    return cli.run(work)
+    parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
+    report = report_from_gin(
+        topology=_TOPOLOGY.value,
+        seq_len=_SEQ_LEN.value,
+        global_batch=_GLOBAL_BATCH.value,
+        num_slices=_NUM_SLICES.value,
+        microbatches=_MICROBATCHES.value,
+    )
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(main, argv)))

@@ -18,8 +18,8 @@ import pathlib
 import gin
 from absl import app, flags
 
-from qwen_jax import aot
-from qwen_jax.model.config import QwenConfig, parameter_count
+from qwen_jax import aot, configurables
+from qwen_jax.model.config import parameter_count
 
 _GENERATION = flags.DEFINE_string("generation", "v5p", f"one of {sorted(aot.GENERATIONS)}")
 _OUTPUT = flags.DEFINE_string("output", "aot_table.jsonl", "rows appended here as they finish")
@@ -53,7 +53,7 @@ def _try(size: str, seq_len: int, topology: str) -> dict:
         + ([f"mesh.MeshConfig.sequence = {SEQUENCE_SHARDS}"] if long else []),
     )
     try:
-        report = aot.compile_report(topology=topology, seq_len=seq_len, global_batch=batch)
+        report = aot.report_from_gin(topology=topology, seq_len=seq_len, global_batch=batch)
     except ValueError as error:  # the model does not divide this mesh
         report = {"topology": topology, "fits": False, "error": str(error)}
     report.update(size=size, mesh_file=mesh_file)
@@ -88,7 +88,7 @@ def main(argv) -> None:
     for size in _SIZES.value:
         gin.clear_config()
         gin.parse_config_file(str(REPO / "configs/models" / f"qwen2_5_{size}.gin"))
-        params = parameter_count(QwenConfig())
+        params = parameter_count(configurables.QwenConfig())
         for seq_len in map(int, _SEQ_LENS.value):
             found = {"size": size, "seq_len": seq_len}
             for topology in slices:

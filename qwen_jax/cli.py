@@ -28,6 +28,12 @@ DEFAULT_MESH_FILE = "configs/mesh/fsdp.gin"
 _REQUIRED_MACRO = re.compile(r"(\S+)/macro\.value set to `%gin\.REQUIRED`")
 QUOTES = "'\" "  # around the names in gin's list of unbound arguments
 _REQUIRED_ARGS = re.compile(r"Required bindings for `(\S+)` not provided in config: \[(.*)\]")
+# A configurable called with required arguments gin has no values for (TypeError).
+_MISSING_ARGS = re.compile(
+    r"No values supplied by Gin or caller for arguments: \[([^\]]*)\].*"
+    r"In call to configurable '(\S+)'",
+    re.DOTALL,
+)
 
 
 class UserError(ValueError):
@@ -37,16 +43,6 @@ class UserError(ValueError):
 def _find(file: str) -> None:
     if not any(os.path.exists(os.path.join(root, file)) for root in (os.getcwd(), REPO_ROOT)):
         raise UserError(f"--gin_file={file}: not found in {os.getcwd()} or {REPO_ROOT}")
-
-
-def _binds(name: str) -> bool:
-    import gin
-
-    try:
-        gin.query_parameter(name)
-        return True
-    except ValueError:
-        return False
 
 
 def parse_gin(
@@ -63,6 +59,8 @@ def parse_gin(
     """
     import gin
 
+    from qwen_jax import configurables  # registers what gin can bind
+
     gin.add_config_file_search_path(os.getcwd())
     gin.add_config_file_search_path(REPO_ROOT)
     for file in files:
@@ -70,7 +68,7 @@ def parse_gin(
     try:
         gin.parse_config(list(defaults))
         gin.parse_config_files_and_bindings(files, params, finalize_config=False)
-        if default_mesh and not _binds("logical_rules.rules"):
+        if default_mesh and not configurables.binds("logical_rules.rules"):
             import jax
 
             logging.info(
@@ -91,10 +89,10 @@ def mesh_from_flags():
     e.g. configs/mesh/fsdp.gin), else (None, None): everything on the first device."""
     if not GIN_FILE.value and not GIN_PARAM.value:
         return None, None
-    from qwen_jax.parallel import mesh as mesh_lib
+    from qwen_jax import configurables
 
     parse_gin(GIN_FILE.value, GIN_PARAM.value)
-    return mesh_lib.make_mesh(), mesh_lib.logical_rules()
+    return configurables.mesh_and_rules()
 
 
 def gin_message(error: BaseException) -> str:
@@ -105,6 +103,11 @@ def gin_message(error: BaseException) -> str:
         return f"{name} is required: set it with --gin_param={name}=..."
     if match := _REQUIRED_ARGS.search(text):
         names = [f"{match.group(1)}.{a.strip(QUOTES)}" for a in match.group(2).split(",")]
+    elif match := _MISSING_ARGS.search(text):
+        names = [f"{match.group(2)}.{a.strip(QUOTES)}" for a in match.group(1).split(",")]
+    else:
+        names = []
+    if names:
         return (
             f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required: set with "
             + " ".join(f"--gin_param={n}=..." for n in names)
@@ -112,19 +115,32 @@ def gin_message(error: BaseException) -> str:
     return "gin: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _unbound(error: BaseException) -> bool:
+    """Whether `error` is gin's report of required values nobody bound."""
+    text = str(error)
+    return bool(_REQUIRED_ARGS.search(text) or _MISSING_ARGS.search(text))
+
+
 def one_line(error: BaseException) -> str:
-    if isinstance(error, RuntimeError) and _REQUIRED_ARGS.search(str(error)):
+    if _unbound(error):
         return gin_message(error)
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return text or type(error).__name__
 
 
-def run(work: Callable[[], object]) -> int:
+def run(work: Callable[[], object], argv: Sequence[str] = ()) -> int:
     """Runs an entry point's work: 0 on success; bad input (ValueError, OSError, RuntimeError,
-    including gin's) is one `error:` line on stderr and 1."""
+    gin's unbound required values) is one `error:` line on stderr and 1. `argv`: the program's
+    arguments after flag parsing, which must be none."""
+    if len(argv) > 1:
+        from absl import app
+
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         work()
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
+        if isinstance(e, TypeError) and not _unbound(e):
+            raise  # a bug, not bad input
         logging.debug("error", exc_info=True)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -31,36 +31,31 @@ _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "largest safetensors fil
 flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def export() -> None:
     from qwen_jax.checkpoint import model_io
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
 
-    def convert():
-        mesh, rules = cli.mesh_from_flags()
-        # Restored in float32 whatever was stored: the cast to --dtype happens once, on write.
-        model = model_io.load_model(
-            _CHECKPOINT_DIR.value, Runtime(param_dtype="float32"), mesh=mesh, rules=rules
+    mesh, rules = cli.mesh_from_flags()
+    # Restored in float32 whatever was stored: the cast to --dtype happens once, on write.
+    model = model_io.load_model(
+        _CHECKPOINT_DIR.value, Runtime(param_dtype="float32"), mesh=mesh, rules=rules
+    )
+    tokenizer_dir = _TOKENIZER_DIR.value or model_io.tokenizer_dir(_CHECKPOINT_DIR.value)
+    if tokenizer_dir is None:
+        logging.warning(
+            "%s carries no tokenizer and --tokenizer_dir is not set: the export has none",
+            _CHECKPOINT_DIR.value,
         )
-        tokenizer_dir = _TOKENIZER_DIR.value or model_io.tokenizer_dir(_CHECKPOINT_DIR.value)
-        if tokenizer_dir is None:
-            logging.warning(
-                "%s carries no tokenizer and --tokenizer_dir is not set: the export has none",
-                _CHECKPOINT_DIR.value,
-            )
-        hf.save_model(
-            model,
-            _OUTPUT_DIR.value,
-            dtype=_DTYPE.value,
-            max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
-            tokenizer_dir=tokenizer_dir,
-        )
-        print(f"wrote {_OUTPUT_DIR.value}")
-
-    return cli.run(convert)
+    hf.save_model(
+        model,
+        _OUTPUT_DIR.value,
+        dtype=_DTYPE.value,
+        max_shard_bytes=int(_MAX_SHARD_GB.value * 2**30),
+        tokenizer_dir=tokenizer_dir,
+    )
+    print(f"wrote {_OUTPUT_DIR.value}")
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(export, argv)))

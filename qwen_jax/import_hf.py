@@ -30,28 +30,18 @@ _DTYPE = flags.DEFINE_enum(
 flags.mark_flags_as_required(["hf_dir", "output"])
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def convert() -> None:
     from qwen_jax.checkpoint import model_io
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
 
-    def convert():
-        mesh, rules = cli.mesh_from_flags()
-        model = hf.load_model(
-            _HF_DIR.value, Runtime(param_dtype=_DTYPE.value), mesh=mesh, rules=rules
-        )
-        model_io.save_model_checkpoint(
-            _OUTPUT_DIR.value,
-            model_io.model_params(model),
-            model.config,
-            tokenizer_from=_HF_DIR.value,
-        )
-        print(f"wrote {_OUTPUT_DIR.value}")
-
-    return cli.run(convert)
+    mesh, rules = cli.mesh_from_flags()
+    model = hf.load_model(_HF_DIR.value, Runtime(param_dtype=_DTYPE.value), mesh=mesh, rules=rules)
+    model_io.save_model_checkpoint(
+        _OUTPUT_DIR.value, model_io.model_params(model), model.config, tokenizer_from=_HF_DIR.value
+    )
+    print(f"wrote {_OUTPUT_DIR.value}")
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(convert, argv)))

@@ -22,7 +22,7 @@ from flax import nnx
 from qwen_jax import cli
 from qwen_jax.model.config import QwenConfig, parameter_count
 from qwen_jax.model.layers import Runtime
-from qwen_jax.model.transformer import Qwen2ForCausalLM
+from qwen_jax.model.transformer import abstract_model
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "sequence length for the KV-cache figure")
 _TENSORS = flags.DEFINE_boolean("tensors", False, "also list every parameter tensor")
@@ -35,8 +35,7 @@ _ADAM_STATE_BYTES = 4 + 4 + 4
 def describe(
     config: QwenConfig, runtime: Runtime, seq_len: int, tensors: bool = False
 ) -> dict[str, Any]:
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    flat = nnx.to_flat_state(abstract_model(config, runtime)[1])
     counted = sum(int(np.prod(v.get_value().shape)) for _, v in flat)
     closed_form = parameter_count(config)
     if counted != closed_form:
@@ -73,18 +72,16 @@ def describe(
     return info
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
+    from qwen_jax import configurables
 
-    def work():
-        cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
-        # Without a model preset, QwenConfig's required values are unbound: one error line.
-        info = describe(QwenConfig(), Runtime(), _SEQ_LEN.value, _TENSORS.value)
-        print(json.dumps(info, indent=2))
-
-    return cli.run(work)
+    cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
+    # Without a model preset, QwenConfig's required values are unbound: one error line.
+    info = describe(
+        configurables.QwenConfig(), configurables.Runtime(), _SEQ_LEN.value, _TENSORS.value
+    )
+    print(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(main, argv)))

@@ -15,7 +15,7 @@ import train_runs as runs  # noqa: E402
 
 def test_smoke_two_steps(tmp_path):
     data = runs.write_data(tmp_path / "data")
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["loop.train.total_steps = 2"]
+    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["setup.RunConfig.total_steps = 2"]
     runs.run(tmp_path / "run", ["configs/demo/pretrain.gin"], params)
     records = runs.train_records(tmp_path / "run")
     assert sorted(records) == [1, 2]

@@ -246,7 +246,7 @@ def test_the_demo_tokenizer_is_refused_for_the_imported_checkpoint(flow):
     result = readme.run(
         readme.command("python -m qwen_jax.train --gin_file=configs/sft.gin"),
         flow,
-        f"--gin_param=loop.train.tokenizer_path='{DEMO_TOKENIZER_PATH}'",
+        f"--gin_param=setup.RunConfig.tokenizer_path='{DEMO_TOKENIZER_PATH}'",
         "--workdir=runs/refused",
         check=False,
     )

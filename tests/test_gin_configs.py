@@ -7,6 +7,7 @@ import re
 import gin
 import pytest
 
+from qwen_jax import configurables
 from qwen_jax.cli import REPO_ROOT as ROOT
 from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
 
@@ -50,13 +51,12 @@ def test_parses(path):
 def test_demo_model_matches_the_demo_tokenizer():
     """configs/demo/model.gin names the demo tokenizer's <|endoftext|> id and covers its vocab."""
     from qwen_jax.data.tokenizer import Tokenizer
-    from qwen_jax.model.config import QwenConfig
 
     tokenizer = Tokenizer.from_file(DEMO_TOKENIZER_PATH)
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "configs/demo/model.gin")], [])
-        config = QwenConfig()
+        config = configurables.QwenConfig()
     finally:
         gin.clear_config()
     assert config.bos_token_id == config.eos_token_id == tokenizer.eos_id

@@ -132,7 +132,7 @@ def test_pretrain_in_stages(corpus_dir, qwen_tokenizer_path, tmp_path):
         "--gin_param=ANNEAL_STEPS=2",
         "--gin_param=WARMUP_STEPS=1",
         "--gin_param=STABLE_STEPS=3",
-        "--gin_param=loop.train.log_every=1",
+        "--gin_param=setup.RunConfig.log_every=1",
         f"--workdir={workdir}",
     )
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -20,7 +20,7 @@ from absl import app, flags
 from flax import nnx
 
 from qwen_jax import cli
-from qwen_jax.model.config import QwenConfig
+from qwen_jax.model.config import QwenConfig, model_flops_per_token
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 from qwen_jax.parallel import mesh as mesh_lib
@@ -49,11 +49,7 @@ def synthetic_batch(config: QwenConfig, batch: int, seq_len: int, documents_per_
     }
 
 
-def run(seq_len: int, batch: int, steps: int) -> dict:
-    config = QwenConfig()
-    runtime = Runtime()
-    mesh = mesh_lib.make_mesh()
-    rules = mesh_lib.logical_rules()
+def run(config: QwenConfig, runtime: Runtime, mesh, rules, *, seq_len: int, batch: int, steps: int):
     optimizer, _ = optimizer_lib.make_optimizer(schedule=optimizer_lib.constant(1e-4))
     state, graphdef, shardings = create_train_state(
         lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)), optimizer, mesh, rules
@@ -80,7 +76,7 @@ def run(seq_len: int, batch: int, steps: int) -> dict:
     loss = float(jax.block_until_ready(metrics)["loss"])
     step_time = (time.perf_counter() - start) / steps
     tokens_per_second = batch * seq_len / step_time
-    mfu = metrics_lib.mfu(metrics_lib.model_flops_per_token(config, seq_len), tokens_per_second)
+    mfu = metrics_lib.mfu(model_flops_per_token(config, seq_len), tokens_per_second)
     return {
         "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
@@ -99,19 +95,26 @@ def run(seq_len: int, batch: int, steps: int) -> dict:
     }
 
 
-def main(argv) -> int:
-    del argv
+def main() -> None:
+    from qwen_jax import configurables
 
-    def work():
-        # A training run's defaults: bf16 compute over fp32 master weights, the shipped rules.
-        cli.parse_gin(
-            cli.GIN_FILE.value,
-            cli.GIN_PARAM.value,
-            defaults=["include 'configs/mesh/rules.gin'", "layers.Runtime.dtype = 'bfloat16'"],
-        )
-        print(json.dumps(run(FLAGS.seq_len, FLAGS.batch, FLAGS.steps)))
-
-    return cli.run(work)
+    # A training run's defaults: bf16 compute over fp32 master weights, the shipped rules.
+    cli.parse_gin(
+        cli.GIN_FILE.value,
+        cli.GIN_PARAM.value,
+        defaults=["include 'configs/mesh/rules.gin'", "layers.Runtime.dtype = 'bfloat16'"],
+    )
+    mesh, rules = configurables.mesh_and_rules()
+    figures = run(
+        configurables.QwenConfig(),
+        configurables.Runtime(),
+        mesh,
+        rules,
+        seq_len=FLAGS.seq_len,
+        batch=FLAGS.batch,
+        steps=FLAGS.steps,
+    )
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
@@ -119,4 +122,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch", 8, "rows per step (global)")
     flags.DEFINE_integer("steps", 10, "timed steps after the compiling one")
     FLAGS = flags.FLAGS
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(main, argv)))

@@ -17,7 +17,6 @@ import dataclasses
 import os
 from typing import Any
 
-import gin
 import jax
 import orbax.checkpoint as ocp
 
@@ -32,7 +31,6 @@ PARAMS, MODEL_CONFIG, OPT_STATE, FROZEN, TRAIN_META, DATA_STATE = (
 ITEMS = (PARAMS, MODEL_CONFIG, OPT_STATE, FROZEN, TRAIN_META, DATA_STATE)
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """When to save and what to keep.
@@ -117,19 +115,6 @@ class TrainCheckpointer:
             items[FROZEN] = ocp.args.StandardRestore(_abstract(frozen))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return {name: restored[name] for name in items}
-
-    def read_meta(self, step: int) -> tuple[dict, dict]:
-        """(model_config, train_meta) of a step, without touching the arrays."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{MODEL_CONFIG: ocp.args.JsonRestore(), TRAIN_META: ocp.args.JsonRestore()}
-            ),
-        )
-        return restored[MODEL_CONFIG], restored[TRAIN_META]
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

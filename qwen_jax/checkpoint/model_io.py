@@ -20,13 +20,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
-from qwen_jax.model.transformer import Qwen2ForCausalLM
-from qwen_jax.parallel.logical import LogicalRules, logical_to_spec
+from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
+from qwen_jax.parallel import mesh as mesh_lib
+from qwen_jax.parallel.logical import LogicalRules
 
 PARAMS, MODEL_CONFIG = "params", "model_config"  # the item names TrainCheckpointer uses too
 TOKENIZER = "tokenizer"  # beside the items of a model checkpoint, or in a training run's workdir
@@ -112,26 +113,17 @@ def read_model_config(directory: str | os.PathLike) -> QwenConfig:
     )
 
 
-def abstract_params(config: QwenConfig, runtime: Runtime = Runtime()) -> tuple[Any, Any]:
-    """(graphdef, pure dict of ShapeDtypeStructs) of the model's parameters; nothing allocated."""
-    graphdef, state = nnx.split(
-        nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))), nnx.Param
-    )
-    return graphdef, state
-
-
 def load_model_checkpoint(
-    directory: str | os.PathLike, shardings: Any = None, dtype: str | None = None
+    directory: str | os.PathLike, shardings: Any = None, dtype: str = "float32"
 ) -> tuple[QwenConfig, Any]:
     """(config, params as a pure dict) restored with `shardings` (a matching pure dict of
-    shardings; default: the first device) in `dtype` (default: gin's `Runtime.param_dtype`).
+    shardings; default: the first device) in `dtype`.
 
     The stored arrays are cast on restore, so a bfloat16 import feeds float32 master weights.
     """
     directory = _check_directory(directory)
     config = read_model_config(directory)
-    dtype = dtype or Runtime().param_dtype
-    _, state = abstract_params(config, Runtime(param_dtype=dtype))
+    _, state = abstract_model(config, Runtime(param_dtype=dtype))
     shapes = nnx.to_pure_dict(state)
     if shardings is None:
         device = SingleDeviceSharding(jax.devices()[0])
@@ -157,7 +149,7 @@ def load_model_checkpoint(
 
 def load_model(
     directory: str | os.PathLike,
-    runtime: Runtime = Runtime(),
+    runtime: Runtime | None = None,
     *,
     mesh: Mesh | None = None,
     rules: LogicalRules | None = None,
@@ -165,18 +157,13 @@ def load_model(
     """The model of a checkpoint, parameters in `runtime.param_dtype`, sharded when given a
     mesh and logical rules."""
     directory = os.fspath(directory)
-    config = read_model_config(directory)
-    graphdef, state = abstract_params(config, runtime)
+    runtime = runtime or Runtime()
+    graphdef, state = abstract_model(read_model_config(directory), runtime)
     shardings = None
     if mesh is not None:
         if rules is None:
             raise ValueError("load_model: a mesh needs its logical rules")
-        shardings = jax.tree.map(
-            lambda v: NamedSharding(mesh, logical_to_spec(v.get_metadata()["out_sharding"], rules)),
-            state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
-        shardings = nnx.to_pure_dict(shardings)
+        shardings = mesh_lib.param_shardings(state, mesh, rules)
     _, params = load_model_checkpoint(directory, shardings, runtime.param_dtype)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -20,15 +20,17 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, Sharding
+from flax import traverse_util
+from jax.sharding import Mesh, Sharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
-from qwen_jax.model.transformer import Qwen2ForCausalLM
-from qwen_jax.parallel.logical import LogicalRules, logical_to_spec
+from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
+from qwen_jax.parallel import mesh as mesh_lib
+from qwen_jax.parallel.logical import LogicalRules
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -242,21 +244,16 @@ class HFCheckpoint:
 
 def _rule_shapes(config: QwenConfig) -> Iterator[tuple[_Rule, tuple[int, ...]]]:
     """Each rule with the per-layer shape of its parameter, from the abstract model."""
-    shapes = {path: value.shape for path, value in _abstract_params(config, Runtime())}
+    _, state = abstract_model(config)
+    shapes = {path: variable.get_value().shape for path, variable in nnx.to_flat_state(state)}
     for rule in _rules(config):
         shape = shapes[rule.path]
         yield rule, tuple(shape[1:] if rule.per_layer else shape)
 
 
-def _abstract_params(config: QwenConfig, runtime: Runtime):
-    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)))
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        yield path, variable.get_value()
-
-
 def load_model(
     directory: str | os.PathLike,
-    runtime: Runtime = Runtime(),
+    runtime: Runtime | None = None,
     *,
     mesh: Mesh | None = None,
     rules: LogicalRules | None = None,
@@ -278,20 +275,21 @@ def load_model(
     checkpoint.validate(config)
     if (mesh is None) != (rules is None):
         raise ValueError("load_model: give both mesh and rules, or neither")
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    runtime = runtime or Runtime()
+    graphdef, state = abstract_model(config, runtime)
     flat = nnx.to_flat_state(state)
+    default_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = (
+        None
+        if mesh is None
+        else traverse_util.flatten_dict(mesh_lib.param_shardings(state, mesh, rules))
+    )
     by_path = {rule.path: rule for rule in _rules(config)}
     dtype = np.dtype(runtime.param_dtype)
     for path, variable in flat:
         rule = by_path[path]
         target = variable.get_value()
-        if mesh is None:
-            sharding: Sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        else:
-            sharding = NamedSharding(
-                mesh, logical_to_spec(variable.get_metadata()["out_sharding"], rules)
-            )
+        sharding: Sharding = default_device if shardings is None else shardings[path]
         variable.set_value(
             _load_array(
                 checkpoint,

@@ -1,4 +1,4 @@
-"""Gin-configurable descriptions of data sources and training stages.
+"""Descriptions of data sources and training stages (gin builds them: `qwen_jax.configurables`).
 
 These are plain frozen dataclasses so that a config can be built in Python (tests, notebooks) or
 in gin (`web/Source.paths = [...]`, `stage1/DataStage.mixture = {...}`), and passed around,
@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import gin
 
 FORMATS = ("jsonl", "parquet", "arrayrecord", "seqio")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One named input source.
@@ -62,7 +60,6 @@ class Source:
             raise ValueError(f"Source {self.name!r}: max_bad_fraction must be in [0, 1]")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataStage:
     """A phase of pre-training with its own sequence length, global batch and mixture.
@@ -106,15 +103,3 @@ def check_stages(stages: Sequence[DataStage], sources: Mapping[str, Source]) -> 
             )
         if stage.steps is None and i != len(stages) - 1:
             raise ValueError(f"DataStage {stage.name!r}: only the last stage may have steps=None")
-
-
-@gin.configurable
-def data_schedule(
-    sources: Sequence[Source] = gin.REQUIRED, stages: Sequence[DataStage] = gin.REQUIRED
-) -> tuple[dict[str, Source], list[DataStage]]:
-    """The pre-training sources and stage schedule bound in gin, checked against each other."""
-    by_name = {s.name: s for s in sources}
-    if len(by_name) != len(sources):
-        raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
-    check_stages(stages, by_name)
-    return by_name, list(stages)

@@ -96,6 +96,30 @@ class ChatToExample:
         return example
 
 
+def response_example(
+    tokenizer: Tokenizer, prompt_ids: np.ndarray, response: str, max_response_len: int | None = None
+) -> dict[str, np.ndarray]:
+    """`prompt + response` shifted for next-token prediction; the response (the answer plus
+    `<|im_end|>`, its first `max_response_len` tokens) carries the loss mask."""
+    response_ids = np.asarray(tokenizer.encode(response) + [tokenizer.im_end_id], np.int32)
+    response_ids = response_ids[:max_response_len]
+    ids = np.concatenate([prompt_ids, response_ids])
+    mask = np.concatenate(
+        [np.zeros(len(prompt_ids), np.float32), np.ones(len(response_ids), np.float32)]
+    )
+    return shifted_example(ids, mask)
+
+
+def pad_row(example: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One unpacked example right-padded to `length`, with its segment ids and positions."""
+    n = len(example["inputs"])
+    pad = {"inputs": pad_id, "targets": pad_id, "loss_mask": 0}
+    row = {k: np.pad(v, (0, length - n), constant_values=pad[k]) for k, v in example.items()}
+    row["segment_ids"] = (np.arange(length) < n).astype(np.int32)
+    row["positions"] = np.where(row["segment_ids"] > 0, np.arange(length), 0).astype(np.int32)
+    return row
+
+
 class PreferenceToExample:
     """Grain map: preference document -> one row holding both sequences of the pair.
 
@@ -121,23 +145,6 @@ class PreferenceToExample:
         self._system_prompt = system_prompt
         self._reference_logps = reference_logps
 
-    def _sequence(self, prompt_ids: np.ndarray, response: str) -> dict[str, np.ndarray]:
-        response_ids = np.asarray(
-            self._tokenizer.encode(response) + [self._tokenizer.im_end_id], np.int32
-        )[: self._response_len]
-        ids = np.concatenate([prompt_ids, response_ids])
-        mask = np.concatenate(
-            [np.zeros(len(prompt_ids), np.float32), np.ones(len(response_ids), np.float32)]
-        )
-        example = shifted_example(ids, mask)
-        length = self._prompt_len + self._response_len
-        n = len(example["inputs"])
-        pad = {"inputs": self._tokenizer.pad_id, "targets": self._tokenizer.pad_id, "loss_mask": 0}
-        row = {k: np.pad(v, (0, length - n), constant_values=pad[k]) for k, v in example.items()}
-        row["segment_ids"] = (np.arange(length) < n).astype(np.int32)
-        row["positions"] = np.where(row["segment_ids"] > 0, np.arange(length), 0).astype(np.int32)
-        return row
-
     def __call__(self, doc: dict) -> dict[str, np.ndarray]:
         prompt_ids, _ = chat.render_chat(
             chat.prompt_messages(doc["prompt"]),
@@ -148,7 +155,9 @@ class PreferenceToExample:
         prompt_ids = prompt_ids[-self._prompt_len :]
         out = {}
         for name in ("chosen", "rejected"):
-            for k, v in self._sequence(prompt_ids, doc[name]).items():
+            example = response_example(self._tokenizer, prompt_ids, doc[name], self._response_len)
+            row = pad_row(example, self._prompt_len + self._response_len, self._tokenizer.pad_id)
+            for k, v in row.items():
                 out[f"{name}_{k}"] = v
         if self._reference_logps is not None:
             if doc["loc"] not in self._reference_logps:

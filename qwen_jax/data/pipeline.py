@@ -1,9 +1,8 @@
 """Input pipelines for pre-training (staged mixtures), SFT and DPO, built from Grain datasets.
 
 Every iterator yields dicts of numpy arrays for this host and implements Grain's
-`get_state()`/`set_state()` (JSON-serializable), so `grain.checkpoint.CheckpointHandler` or
-`qwen_jax.data.checkpointing` can store it beside the model checkpoint and restore exactly the
-next batches.
+`get_state()`/`set_state()` (JSON-serializable), so the trainer stores it beside the model
+checkpoint (`qwen_jax.checkpoint.manager`) and restores exactly the next batches.
 
 Pipeline shape (per source, then shared):
   records (random access, host shard, per-epoch shuffle, repeat) -> to_iter_dataset (reader
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -114,29 +113,21 @@ def document_dataset(
     parse = documents.ParseRecords(by_name, kind, tracker)
     streams = {}
     for source in sources:
-        source_seed = _sub_seed(seed, "source", source.name)
+        reading = dict(
+            shard_index=shard_index,
+            shard_count=shard_count,
+            seed=_sub_seed(seed, "source", source.name),
+            num_epochs=num_epochs,
+            shuffle=shuffle,
+        )
         if source.format == "seqio":
             from qwen_jax.data import seqio_source  # optional dependency
 
-            ds = seqio_source.SeqioDataset(
-                source,
-                shard_index=shard_index,
-                shard_count=shard_count,
-                seed=source_seed,
-                num_epochs=num_epochs,
-                shuffle=shuffle,
-            )
+            ds = seqio_source.SeqioDataset(source, **reading)
         else:
             records = sources_lib.RecordSource(source, documents.columns(source, kind))
             documents.check_format(source, kind, records.first_records())
-            ds = sources_lib.record_dataset(
-                records,
-                shard_index=shard_index,
-                shard_count=shard_count,
-                seed=source_seed,
-                num_epochs=num_epochs,
-                shuffle=shuffle,
-            )
+            ds = sources_lib.record_dataset(records, **reading)
             # Grain's read prefetch costs O(buffer) per element; a short buffer hides local-disk
             # latency without that overhead (raise read_threads for remote file systems).
             ds = ds.to_iter_dataset(
@@ -291,22 +282,28 @@ def pretrain_eval_iterator(
     )
 
 
-def _record_dataset(
+def _record_batches(
     srcs,
     weights,
     kind: str,
     caller: str,
+    to_rows: Callable[[grain.IterDataset, int], grain.IterDataset],
     *,
     batch_size: int,
     seed: int,
     num_epochs: int | None,
-    shuffle: bool,
-    shard_index: int | None,
-    shard_count: int | None,
-    min_records_for_bad_check: int,
-):
-    """(this host's parsed records with bad-record accounting, per-host batch size): the part
-    the SFT and DPO pipelines share."""
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    prefetch: int = 2,
+    for_eval: bool = False,
+    min_records_for_bad_check: int = 1000,
+) -> grain.DatasetIterator:
+    """What the SFT and DPO pipelines share: this host's parsed records with bad-record
+    accounting, `to_rows(records, per_host_batch)`, then batches. `for_eval`: one unshuffled
+    pass, the last batch padded."""
+    if for_eval:
+        num_epochs = 1
     shard_index, shard_count = _shard(shard_index, shard_count)
     per_host = _per_host(batch_size, shard_count, caller)
     tracker = BadRecordTracker(
@@ -320,10 +317,11 @@ def _record_dataset(
         shard_index=shard_index,
         shard_count=shard_count,
         num_epochs=num_epochs,
-        shuffle=shuffle,
+        shuffle=not for_eval,
         tracker=tracker,
     )
-    return ds, per_host
+    ds = _batched(to_rows(ds, per_host), per_host, finite=num_epochs is not None)
+    return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
 
 
 def sft_iterator(
@@ -336,43 +334,35 @@ def sft_iterator(
     num_epochs: int | None = None,
     weights: Mapping[str, float] | None = None,
     system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    worker_count: int = 0,
     num_packing_bins: int | None = None,
-    prefetch: int = 2,
-    for_eval: bool = False,
-    min_records_for_bad_check: int = 1000,
+    **reading,
 ) -> grain.DatasetIterator:
     """Packed ChatML batches; loss only on assistant turns. `sources`: Source(s) or glob(s) of
-    conversational or prompt-completion records (`qwen_jax.data.documents`). `for_eval`: one
-    unshuffled pass, last batch padded."""
-    if for_eval:
-        num_epochs = 1
-    ds, per_host = _record_dataset(
-        _as_sources(sources, "messages"),
+    conversational or prompt-completion records (`qwen_jax.data.documents`). `reading`: the
+    keyword arguments of `_record_batches` (shards, workers, prefetch, for_eval, ...)."""
+
+    def pack(records: grain.IterDataset, per_host: int) -> grain.IterDataset:
+        return packing.pack(
+            records.map(examples.ChatToExample(tokenizer, seq_len, system_prompt)),
+            seq_len=seq_len,
+            packing="first_fit",
+            num_packing_bins=num_packing_bins or per_host,
+            seed=_sub_seed(seed, "pack"),
+            pad_id=tokenizer.pad_id,
+        )
+
+    srcs = _as_sources(sources, "messages")
+    return _record_batches(
+        srcs,
         weights,
         "messages",
         "sft_iterator",
+        pack,
         batch_size=batch_size,
         seed=seed,
         num_epochs=num_epochs,
-        shuffle=not for_eval,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        min_records_for_bad_check=min_records_for_bad_check,
+        **reading,
     )
-    ds = ds.map(examples.ChatToExample(tokenizer, seq_len, system_prompt))
-    ds = packing.pack(
-        ds,
-        seq_len=seq_len,
-        packing="first_fit",
-        num_packing_bins=num_packing_bins or per_host,
-        seed=_sub_seed(seed, "pack"),
-        pad_id=tokenizer.pad_id,
-    )
-    ds = _batched(ds, per_host, finite=num_epochs is not None)
-    return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
 
 
 def dpo_iterator(
@@ -385,57 +375,50 @@ def dpo_iterator(
     seed: int = 0,
     num_epochs: int | None = None,
     system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    worker_count: int = 0,
-    prefetch: int = 2,
-    for_eval: bool = False,
-    min_records_for_bad_check: int = 1000,
     reference_logps: Mapping[str, tuple[float, float]] | None = None,
+    **reading,
 ) -> grain.DatasetIterator:
     """Preference pairs, one per row: `chosen_*` and `rejected_*` batches of the same pairs, rows
     of prompt_len + response_len tokens. `source`: Source(s) or glob(s) of preference records,
-    explicit or implicit prompt (`qwen_jax.data.documents`). `reference_logps`: see `examples.PreferenceToExample`."""
-    if for_eval:
-        num_epochs = 1
-    ds, per_host = _record_dataset(
-        _as_sources(source, "prompt/chosen/rejected"),
+    explicit or implicit prompt (`qwen_jax.data.documents`). `reference_logps`: see
+    `examples.PreferenceToExample`; `reading`: as for `sft_iterator`."""
+    to_example = examples.PreferenceToExample(
+        tokenizer, prompt_len, response_len, system_prompt, reference_logps
+    )
+    srcs = _as_sources(source, "prompt/chosen/rejected")
+    return _record_batches(
+        srcs,
         None,
         "preference",
         "dpo_iterator",
+        lambda records, _: records.map(to_example),
         batch_size=batch_size,
         seed=seed,
         num_epochs=num_epochs,
-        shuffle=not for_eval,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        min_records_for_bad_check=min_records_for_bad_check,
+        **reading,
     )
-    ds = ds.map(
-        examples.PreferenceToExample(
-            tokenizer, prompt_len, response_len, system_prompt, reference_logps
-        )
-    )
-    ds = _batched(ds, per_host, finite=num_epochs is not None)
-    return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
 
 
 def preference_documents(source) -> Iterator[dict]:
     """Every parsed preference pair of `source` (Source(s) or glob(s)) in file order, with its
     "loc": one pass on this host over all records, for computing per-pair values up front."""
     for src in _as_sources(source, "prompt/chosen/rejected"):
-        tracker = BadRecordTracker({src.name: src.max_bad_fraction})
-        yield from document_dataset(
-            [src],
-            None,
-            "preference",
-            seed=0,
-            shard_index=0,
-            shard_count=1,
-            num_epochs=1,
-            shuffle=False,
-            tracker=tracker,
-        )
+        yield from _whole_source(src, "preference")
+
+
+def _whole_source(src: Source, kind: str) -> grain.IterDataset:
+    """Every parsed record of `src` once, in file order, on this host."""
+    return document_dataset(
+        [src],
+        None,
+        kind,
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+        num_epochs=1,
+        shuffle=False,
+        tracker=BadRecordTracker({src.name: src.max_bad_fraction}),
+    )
 
 
 def generation_eval_examples(
@@ -451,19 +434,7 @@ def generation_eval_examples(
     Reads the whole source on every host (eval sets are small).
     """
     (src,) = _as_sources(source, "messages")
-    tracker = BadRecordTracker({src.name: src.max_bad_fraction})
-    docs = document_dataset(
-        [src],
-        None,
-        "messages",
-        seed=0,
-        shard_index=0,
-        shard_count=1,
-        num_epochs=1,
-        shuffle=False,
-        tracker=tracker,
-    )
-    for n, doc in enumerate(docs):
+    for n, doc in enumerate(_whole_source(src, "messages")):
         if limit is not None and n >= limit:
             return
         messages = doc["messages"]

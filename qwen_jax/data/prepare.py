@@ -165,22 +165,15 @@ def _define_flags() -> None:
 
 
 def main(argv) -> int:
-    del argv
-    f = flags.FLAGS
     from qwen_jax import cli
 
+    f = flags.FLAGS
+    options = ("field", "workers", "num_shards", "chunk_size", "max_bad_fraction")
     return cli.run(
         lambda: prepare(
-            f.input,
-            f.output,
-            f.tokenizer,
-            field=f.field,
-            fmt=f.format,
-            workers=f.workers,
-            num_shards=f.num_shards,
-            chunk_size=f.chunk_size,
-            max_bad_fraction=f.max_bad_fraction,
-        )
+            f.input, f.output, f.tokenizer, fmt=f.format, **{o: f[o].value for o in options}
+        ),
+        argv,
     )
 
 

@@ -11,7 +11,6 @@ import os
 import shutil
 from collections.abc import Sequence
 
-import gin
 import tokenizers
 
 # The files of a Hugging Face tokenizer directory that travel with a model: the vocabulary, the
@@ -49,7 +48,6 @@ def json_path(path: str | os.PathLike) -> str:
     return os.path.join(path, TOKENIZER_JSON) if os.path.isdir(path) else path
 
 
-@gin.configurable(denylist=["tokenizer"])
 class Tokenizer:
     """Text <-> token ids, plus the control ids the pipelines need.
 
@@ -80,10 +78,6 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> "Tokenizer":
         return cls(tokenizers.Tokenizer.from_file(os.fspath(path)), **kwargs)
-
-    @property
-    def hf_tokenizer(self) -> tokenizers.Tokenizer:
-        return self._tok
 
     @property
     def special_ids(self) -> dict[str, int]:

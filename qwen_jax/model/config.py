@@ -6,14 +6,11 @@ import dataclasses
 import math
 from typing import Any
 
-import gin
-
 # Qwen2.5 checkpoints pad the tokenizer's 151,665 ids to a multiple of 128.
 QWEN2_5_VOCAB_SIZE = 151_936
 HF_ARCHITECTURE = "Qwen2ForCausalLM"
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """YaRN scaling as transformers reads it from `rope_scaling` (how Qwen2.5 serves 128K tokens)."""
@@ -46,16 +43,15 @@ class RopeScaling:
         }
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class QwenConfig:
     """Architecture hyperparameters; field names follow transformers' `Qwen2Config`."""
 
-    hidden_size: int = gin.REQUIRED
-    intermediate_size: int = gin.REQUIRED
-    num_hidden_layers: int = gin.REQUIRED
-    num_attention_heads: int = gin.REQUIRED
-    num_key_value_heads: int = gin.REQUIRED
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
     vocab_size: int = QWEN2_5_VOCAB_SIZE
     head_dim: int | None = None
     max_position_embeddings: int = 32_768
@@ -95,10 +91,6 @@ class QwenConfig:
             raise ValueError(f"QwenConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.rope_theta <= 0:
             raise ValueError(f"QwenConfig.rope_theta={self.rope_theta} must be positive")
-
-    @property
-    def num_query_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
     def replace(self, **changes) -> "QwenConfig":
         return dataclasses.replace(self, **changes)
@@ -201,3 +193,19 @@ def parameter_count(config: QwenConfig) -> int:
     layer = attention + mlp + 2 * h
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return config.num_hidden_layers * layer + embeddings + h
+
+
+def model_flops_per_token(config: QwenConfig, seq_len: int) -> float:
+    """Forward+backward FLOPs per trained token: 6 per matmul weight, plus causal attention scores.
+
+    The input embedding is a lookup, not a matmul, so it is excluded unless it is tied to the
+    output projection. Attention: QK^T and PV are 2 matmuls of 2*T*H*D FLOPs per token each,
+    halved by the causal mask, times 3 for forward+backward.
+    """
+    matmul_params = parameter_count(config)
+    if not config.tie_word_embeddings:
+        matmul_params -= config.vocab_size * config.hidden_size
+    attention = (
+        6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    )
+    return 6 * matmul_params + attention

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 from typing import Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,7 +19,6 @@ from flax import nnx
 from qwen_jax.model.transformer import KVCache, Qwen2ForCausalLM
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How a token is drawn from the logits. `temperature=0` is greedy (argmax)."""
@@ -76,7 +74,7 @@ def generate(
     *,
     max_new_tokens: int,
     stop_tokens: Sequence[int],
-    sampling: Sampling = Sampling(),
+    sampling: Sampling | None = None,
     rng: jax.Array | None = None,
     pad_id: int | None = None,
     cache_dtype=None,
@@ -109,7 +107,7 @@ def generate(
         rng,
         max_new_tokens=max_new_tokens,
         stop_tokens=tuple(int(t) for t in stop_tokens),
-        sampling=sampling,
+        sampling=sampling or Sampling(),
         pad_id=int(stop_tokens[0] if pad_id is None else pad_id),
         cache_dtype=jnp.dtype(cache_dtype or model.runtime.compute_dtype),
     )

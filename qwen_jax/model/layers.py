@@ -10,29 +10,37 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen_jax.model import attention as attention_lib
+from qwen_jax.kernels import registry as kernels
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.rope import apply_rotary
+from qwen_jax.parallel import logical
 from qwen_jax.parallel.logical import constrain
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How the architecture runs, as opposed to what it is: dtypes, remat, attention kernel."""
+    """How the architecture runs, as opposed to what it is: dtypes, remat, attention kernel.
+
+    attention_impl: a name in `qwen_jax.kernels.registry`.
+    attention_block_size: queries per block for implementations that block them
+      (`sequence_sharded`); 0: one block.
+    """
 
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    attention_block_size: int = 2048
+
+    def __post_init__(self):
+        kernels.check(self.attention_impl)
 
     @property
     def compute_dtype(self):
@@ -73,35 +81,22 @@ class Qwen2Attention(nnx.Module):
         h, d = config.hidden_size, config.head_dim
         nq, nkv = config.num_attention_heads, config.num_key_value_heads
         normal = nnx.initializers.normal(config.initializer_range)
-        zeros = nnx.initializers.zeros
         dt = runtime.param_dtype
-        self.q_proj = Projection(
-            rngs,
-            normal,
-            (h, nq, d),
-            ("embed", "q_heads", "head_dim"),
-            zeros,
-            ("q_heads", "head_dim"),
-            dt,
-        )
-        self.k_proj = Projection(
-            rngs,
-            normal,
-            (h, nkv, d),
-            ("embed", "kv_heads", "head_dim"),
-            zeros,
-            ("kv_heads", "head_dim"),
-            dt,
-        )
-        self.v_proj = Projection(
-            rngs,
-            normal,
-            (h, nkv, d),
-            ("embed", "kv_heads", "head_dim"),
-            zeros,
-            ("kv_heads", "head_dim"),
-            dt,
-        )
+
+        def heads_in(heads: int, name: str) -> Projection:
+            return Projection(
+                rngs,
+                normal,
+                (h, heads, d),
+                ("embed", name, "head_dim"),
+                nnx.initializers.zeros,
+                (name, "head_dim"),
+                dt,
+            )
+
+        self.q_proj = heads_in(nq, "q_heads")
+        self.k_proj = heads_in(nkv, "kv_heads")
+        self.v_proj = heads_in(nkv, "kv_heads")
         self.o_proj = Projection(
             rngs, normal, (nq, d, h), ("q_heads", "head_dim", "embed"), None, None, dt
         )
@@ -123,7 +118,14 @@ class Qwen2Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             new_cache = (k, v)
-        out = attention_lib.get(self.runtime.attention_impl)(
+        mesh, rules = logical.active() or (None, None)
+        attention = kernels.attention_fn(
+            self.runtime.attention_impl,
+            mesh=mesh,
+            rules=rules,
+            block_size=self.runtime.attention_block_size,
+        )
+        out = attention(
             q,
             k,
             v,

@@ -6,7 +6,7 @@ parameters carry a leading "layers" axis.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,16 +63,16 @@ class KVCache(NamedTuple):
         )
 
 
+def _normal_param(config: QwenConfig, runtime: Runtime, rngs: nnx.Rngs, shape, names):
+    init = nnx.initializers.normal(config.initializer_range)
+    return make_param(rngs, init, shape, names, runtime.param_dtype)
+
+
 class Embedding(nnx.Module):
     def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
         self.runtime = runtime
-        self.embedding = make_param(
-            rngs,
-            nnx.initializers.normal(config.initializer_range),
-            (config.vocab_size, config.hidden_size),
-            ("vocab", "embed"),
-            runtime.param_dtype,
-        )
+        shape = (config.vocab_size, config.hidden_size)
+        self.embedding = _normal_param(config, runtime, rngs, shape, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.runtime.compute_dtype)
@@ -80,17 +80,13 @@ class Embedding(nnx.Module):
 
 class LMHead(nnx.Module):
     def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
-        self.kernel = make_param(
-            rngs,
-            nnx.initializers.normal(config.initializer_range),
-            (config.hidden_size, config.vocab_size),
-            ("embed", "vocab"),
-            runtime.param_dtype,
-        )
+        shape = (config.hidden_size, config.vocab_size)
+        self.kernel = _normal_param(config, runtime, rngs, shape, ("embed", "vocab"))
 
 
 class Qwen2ForCausalLM(nnx.Module):
-    def __init__(self, config: QwenConfig, runtime: Runtime = Runtime(), *, rngs: nnx.Rngs):
+    def __init__(self, config: QwenConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+        runtime = runtime or Runtime()
         if runtime.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={runtime.remat_policy!r}; choose one of {REMAT_POLICIES}"
@@ -186,3 +182,28 @@ class Qwen2ForCausalLM(nnx.Module):
         """Logits [batch, length, vocab] in float32."""
         hidden, _ = self.hidden_states(input_ids, positions, segment_ids)
         return self.logits(hidden)
+
+
+def abstract_module(
+    factory: Callable[[], nnx.Module],
+) -> tuple[nnx.GraphDef, nnx.State, nnx.Module]:
+    """(graphdef, abstract parameter State, abstract module) of what `factory` builds: shapes,
+    dtypes and logical names, with nothing allocated."""
+    module = nnx.eval_shape(factory)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    if rest:
+        raise ValueError(
+            f"the model has non-parameter state, which the trainer does not carry: "
+            f"{jax.tree.map(lambda x: x.shape, rest)}"
+        )
+    return graphdef, params, module
+
+
+def abstract_model(
+    config: QwenConfig, runtime: Runtime | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, abstract parameter State) of `Qwen2ForCausalLM(config, runtime)`."""
+    graphdef, params, _ = abstract_module(
+        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))
+    )
+    return graphdef, params

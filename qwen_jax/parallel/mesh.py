@@ -7,7 +7,7 @@ Five mesh axes, outermost first:
   tensor    Megatron tensor parallelism over heads and the MLP width;
   sequence  the token axis of activations (long context); parameters are also sharded over it,
             since its devices would otherwise hold identical copies.
-Sizes come from gin (`MeshConfig`); one may be -1 and is inferred from the device count. Which
+Sizes come from `MeshConfig`; one may be -1 and is inferred from the device count. Which
 logical name goes to which axis is the rules table (`logical_rules`, configs/mesh/rules.gin).
 Every check here runs before anything is traced, so bad input fails with a message naming the
 field or tensor instead of an XLA error.
@@ -19,7 +19,6 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-import gin
 import jax
 import numpy as np
 from flax import nnx
@@ -33,7 +32,6 @@ MESH_AXES = ("slice", "data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("slice", "data", "fsdp")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     slice: int = 1
@@ -68,15 +66,13 @@ class MeshConfig:
         return sizes
 
 
-@gin.configurable
-def logical_rules(rules: Sequence[tuple[str, Any]] = gin.REQUIRED) -> tuple:
-    """The rules table bound in gin, as hashable tuples."""
+def logical_rules(rules: Sequence[tuple[str, Any]]) -> tuple:
+    """A rules table (as gin's lists and tuples bind it) as hashable tuples."""
     return tuple(
         (name, tuple(target) if isinstance(target, list) else target) for name, target in rules
     )
 
 
-@gin.configurable
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over `devices` (default: all). On TPU the ICI axes follow the physical torus
     (mesh_utils); the `slice` axis is laid over slices, so only it crosses the DCN."""

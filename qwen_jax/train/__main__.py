@@ -27,25 +27,19 @@ MULTIHOST = flags.DEFINE_bool(
 flags.mark_flag_as_required("workdir")
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def train() -> None:
     import gin
     import jax
 
     if MULTIHOST.value:
         jax.distributed.initialize()
+    from qwen_jax import configurables
     from qwen_jax.train import loop
 
-    def train():
-        cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value, default_mesh=True)
-        result = loop.train(WORKDIR.value)
-        logging.info(
-            "done at step %d; operative config:\n%s", result.step, gin.operative_config_str()
-        )
-
-    return cli.run(train)
+    cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value, default_mesh=True)
+    result = loop.train(WORKDIR.value, configurables.train_setup())
+    logging.info("done at step %d; operative config:\n%s", result.step, gin.operative_config_str())
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(train, argv)))

@@ -48,15 +48,17 @@ def _data_bindings(paths: dict[str, str]) -> list[str]:
 def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str]):
     """One `qwen_jax.train` run; the --gin_file/--gin_param flags apply to every phase."""
     import gin
+
+    from qwen_jax import configurables
     from qwen_jax.train import loop
 
     gin.clear_config()
     cli.parse_gin(
         [gin_file, *cli.GIN_FILE.value],
-        [*bindings, f"loop.train.seed = {SEED.value}", *cli.GIN_PARAM.value],
+        [*bindings, f"setup.RunConfig.seed = {SEED.value}", *cli.GIN_PARAM.value],
     )
     logging.info("demo phase %s -> %s", name, workdir)
-    return loop.train(os.path.join(workdir, name))
+    return loop.train(os.path.join(workdir, name), configurables.train_setup())
 
 
 def last_step_dir(result) -> str:
@@ -143,7 +145,7 @@ def run_demo() -> None:
         "pretrain",
         "configs/demo/pretrain.gin",
         workdir,
-        data + [f"loop.train.tokenizer_path = '{DEMO_TOKENIZER_PATH}'"],
+        data + [f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'"],
     )
     sft = run_phase(
         "sft", "configs/demo/sft.gin", workdir, data + [f"INIT_FROM = '{last_step_dir(pretrain)}'"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -33,7 +32,6 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 SIDES = ("chosen", "rejected")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax.data.chat import prompt_messages, render_chat
+from qwen_jax.data.examples import pad_row, response_example
 from qwen_jax.data.tokenizer import Tokenizer
 from qwen_jax.model.generate import generate
 
@@ -54,28 +55,22 @@ def greedy_answers(
 
 
 @nnx.jit
-def _summed_logprobs(model, ids, segment_ids, target_mask):
-    logits = model(ids[:, :-1], segment_ids=segment_ids[:, :-1])
-    logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, 1:, None], axis=-1)
-    return (logps[..., 0] * target_mask[:, 1:]).sum(-1)
+def _summed_logprobs(model, batch):
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logps = jnp.take_along_axis(
+        jax.nn.log_softmax(logits, axis=-1), batch["targets"][..., None], -1
+    )
+    return (logps[..., 0] * batch["loss_mask"]).sum(-1)
 
 
 def response_logprobs(
     model, tokenizer: Tokenizer, prompt_rows: Sequence[np.ndarray], responses: Sequence[str]
 ) -> np.ndarray:
     """Summed log-prob of each response (with its closing `<|im_end|>`) after its prompt."""
-    rows, masks = [], []
-    for prompt_ids, response in zip(prompt_rows, responses):
-        response_ids = tokenizer.encode(response) + [tokenizer.im_end_id]
-        rows.append(np.concatenate([prompt_ids, response_ids]).astype(np.int32))
-        masks.append(np.r_[np.zeros(len(prompt_ids)), np.ones(len(response_ids))])
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), tokenizer.pad_id, np.int32)
-    segment_ids = np.zeros((len(rows), width), np.int32)
-    target_mask = np.zeros((len(rows), width), np.float32)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        ids[i, : len(row)], segment_ids[i, : len(row)], target_mask[i, : len(row)] = row, 1, mask
-    return np.asarray(_summed_logprobs(model, ids, segment_ids, target_mask))
+    rows = [response_example(tokenizer, p, r) for p, r in zip(prompt_rows, responses)]
+    width = max(len(r["inputs"]) for r in rows)
+    rows = [pad_row(r, width, tokenizer.pad_id) for r in rows]
+    return np.asarray(_summed_logprobs(model, {k: np.stack([r[k] for r in rows]) for k in rows[0]}))
 
 
 def preference_figures(

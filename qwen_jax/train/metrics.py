@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from absl import logging
 
-from qwen_jax.model.config import QwenConfig, parameter_count
 
 # Peak dense bf16 FLOP/s of one JAX device, by `device.device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -38,22 +37,6 @@ def device_peak_flops(device: jax.Device) -> float | None:
         if kind.startswith(prefix):
             return PEAK_FLOPS[prefix]
     return None
-
-
-def model_flops_per_token(config: QwenConfig, seq_len: int) -> float:
-    """Forward+backward FLOPs per trained token: 6 per matmul weight, plus causal attention scores.
-
-    The input embedding is a lookup, not a matmul, so it is excluded unless it is tied to the
-    output projection. Attention: QK^T and PV are 2 matmuls of 2*T*H*D FLOPs per token each,
-    halved by the causal mask, times 3 for forward+backward.
-    """
-    matmul_params = parameter_count(config)
-    if not config.tie_word_embeddings:
-        matmul_params -= config.vocab_size * config.hidden_size
-    attention = (
-        6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    )
-    return 6 * matmul_params + attention
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, devices=None) -> float | None:

@@ -1,4 +1,4 @@
-"""AdamW with global-norm clipping and the learning-rate schedules, all set in gin.
+"""AdamW with global-norm clipping and the learning-rate schedules (gin picks and binds them).
 
 Parameters are kept in `Runtime.param_dtype` (float32 master weights by default) whatever the
 compute dtype, so the update is always applied in full precision. Weight decay skips norms and
@@ -8,17 +8,16 @@ discounted), as in the Qwen and Llama recipes.
 
 from __future__ import annotations
 
-import gin
 import jax
 import jax.numpy as jnp
 import optax
 
 
-@gin.configurable
 def warmup_cosine(
-    peak_lr: float = gin.REQUIRED,
+    *,
+    peak_lr: float,
+    total_steps: int,
     warmup_steps: int = 0,
-    total_steps: int = gin.REQUIRED,
     final_lr_fraction: float = 0.1,
 ) -> optax.Schedule:
     """Linear warmup from 0 to `peak_lr`, then cosine decay to `final_lr_fraction * peak_lr`."""
@@ -35,11 +34,11 @@ def warmup_cosine(
     )
 
 
-@gin.configurable
 def warmup_stable_decay(
-    peak_lr: float = gin.REQUIRED,
+    *,
+    peak_lr: float,
+    stable_steps: int,
     warmup_steps: int = 0,
-    stable_steps: int = gin.REQUIRED,
     decay_steps: int = 0,
     floor_lr: float = 0.0,
     decay_shape: str = "linear",
@@ -71,8 +70,7 @@ def warmup_stable_decay(
     return schedule
 
 
-@gin.configurable
-def constant(lr: float = gin.REQUIRED) -> optax.Schedule:
+def constant(lr: float) -> optax.Schedule:
     return optax.constant_schedule(lr)
 
 
@@ -87,9 +85,8 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-@gin.configurable
 def make_optimizer(
-    schedule: optax.Schedule = gin.REQUIRED,
+    schedule: optax.Schedule,
     b1: float = 0.9,
     b2: float = 0.95,
     eps: float = 1e-8,

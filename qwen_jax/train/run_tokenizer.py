@@ -1,4 +1,4 @@
-"""The tokenizer of a training run: the one named (`loop.train.tokenizer_path`), else the one the
+"""The tokenizer of a training run: the one named (`setup.RunConfig.tokenizer_path`), else the one the
 initial checkpoint carries; never a silent default.
 
 Before anything is written, the tokenizer is checked against the model: it may not have more ids
@@ -27,18 +27,18 @@ def resolve(tokenizer_path: str | None, init_from: str | None) -> str:
     if tokenizer_path is not None:
         path = tokenizer_lib.json_path(tokenizer_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"loop.train.tokenizer_path={tokenizer_path}: no {path}")
+            raise FileNotFoundError(f"setup.RunConfig.tokenizer_path={tokenizer_path}: no {path}")
         return path
     if init_from is None:
         raise ValueError(
             "no tokenizer: a run from scratch must name one with "
-            "--gin_param=\"loop.train.tokenizer_path='DIR/tokenizer.json'\""
+            "--gin_param=\"setup.RunConfig.tokenizer_path='DIR/tokenizer.json'\""
         )
     directory = model_io.tokenizer_dir(init_from)
     if directory is None:
         raise ValueError(
             f"init_from={init_from} carries no tokenizer: name one with "
-            f"--gin_param=\"loop.train.tokenizer_path='DIR/tokenizer.json'\""
+            f"--gin_param=\"setup.RunConfig.tokenizer_path='DIR/tokenizer.json'\""
         )
     return os.path.join(directory, tokenizer_lib.TOKENIZER_JSON)
 

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwen_jax.model.transformer import abstract_module
 from qwen_jax.parallel import mesh as mesh_lib
 from qwen_jax.parallel.logical import LogicalRules
 
@@ -31,19 +32,6 @@ class TrainState:
 
     def replace(self, **changes) -> "TrainState":
         return dataclasses.replace(self, **changes)
-
-
-def abstract_model(model_factory: Callable[[], nnx.Module]):
-    """(graphdef, abstract nnx.State of the parameters) without allocating anything."""
-    model = nnx.eval_shape(model_factory)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if rest:
-        raise ValueError(
-            f"the model has non-parameter state, which TrainState does not carry: "
-            f"{jax.tree.map(lambda x: x.shape, rest)}"
-        )
-    config = getattr(model, "config", None)
-    return graphdef, params, config
 
 
 def state_shardings(
@@ -73,7 +61,8 @@ def state_shardings(
 
 
 def _prepare(model_factory, optimizer, mesh, rules, with_frozen):
-    graphdef, abstract_params, config = abstract_model(model_factory)
+    graphdef, abstract_params, model = abstract_module(model_factory)
+    config = getattr(model, "config", None)
     if config is not None:
         mesh_lib.check_model_fits_mesh(config, mesh)
     param_shardings = mesh_lib.param_shardings(abstract_params, mesh, rules)
@@ -102,28 +91,18 @@ def create_train_state(
     rules: LogicalRules,
     *,
     with_frozen: bool = False,
+    abstract: bool = False,
 ):
     """(state, graphdef, shardings). `model_factory()` builds the model with its own rngs;
     `with_frozen` keeps a copy of the initial parameters as `frozen` (e.g. the DPO reference,
-    before a checkpoint is restored over both)."""
+    before a checkpoint is restored over both). `abstract`: the state as ShapeDtypeStructs
+    carrying their shardings, nothing allocated (what ahead-of-time compilation needs)."""
     graphdef, shardings, init = _prepare(model_factory, optimizer, mesh, rules, with_frozen)
-    state = jax.jit(init, out_shardings=shardings)()
-    return state, graphdef, shardings
-
-
-def abstract_train_state(
-    model_factory: Callable[[], nnx.Module],
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    rules: LogicalRules,
-    *,
-    with_frozen: bool = False,
-):
-    """(state of ShapeDtypeStructs carrying their shardings, graphdef, shardings): what
-    ahead-of-time compilation and checkpoint restore need, with nothing allocated."""
-    graphdef, shardings, init = _prepare(model_factory, optimizer, mesh, rules, with_frozen)
-    shapes = jax.eval_shape(init)
+    if not abstract:
+        return jax.jit(init, out_shardings=shardings)(), graphdef, shardings
     state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(init),
+        shardings,
     )
     return state, graphdef, shardings

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,7 +27,6 @@ from qwen_jax.train.state import TrainState
 NAN_POLICIES = ("skip", "stop")
 
 
-@gin.configurable(denylist=["model", "batch", "frozen"])
 def lm_loss_fn(
     model,
     batch: Mapping[str, jax.Array],

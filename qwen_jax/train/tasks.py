@@ -1,33 +1,79 @@
-"""What differs between pre-training, SFT and DPO: data, loss, stages and evaluation.
-
-The loop (`qwen_jax.train.loop`) is the same for all three; a task supplies
-  kind                     'pretrain' | 'sft' | 'dpo' (recorded in the workdir)
-  needs_frozen             whether the state carries frozen parameters (the DPO reference)
-  prepare_reference(...)   (DPO with precompute_reference) the reference log-probs table
-  iterator(tok, seed)      the resumable training batch iterator
-  stage(iterator)          the name of the stage of the next batch
-  model_config(cfg, stage) the architecture for a stage (staged pre-training raises RoPE theta)
-  loss_fn                  `loss_fn(model, batch, frozen) -> (loss_sum, aux)` for the step
-  step_metrics(m)          the step's summed metrics turned into what is logged
-  evaluate(model, frozen, tok, eval_step) -> (scalars, text)  on held-out data
+"""What differs between pre-training, SFT and DPO: data, loss, stages, evaluation, and what runs
+before training. The loop (`qwen_jax.train.loop`) knows a task only through the `Task` protocol.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
-import gin
 import jax
 import numpy as np
 
 from qwen_jax.data import examples, pipeline
 from qwen_jax.data.chat import DEFAULT_SYSTEM_PROMPT
 from qwen_jax.data.config import DataStage, Source
+from qwen_jax.data.tokenizer import Tokenizer
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.train import dpo, evaluation
 from qwen_jax.train import reference as reference_lib
 from qwen_jax.train.step import lm_loss_fn
+
+# `loss_fn(model, batch, frozen) -> (loss_sum, aux)`: the train step's contract (qwen_jax.train.step).
+LossFn = Callable[[Any, Mapping[str, jax.Array], Any], tuple[jax.Array, dict]]
+
+
+class Task(Protocol):
+    """The contract between a task and the training loop. The methods with a body are the
+    defaults a task inherits by subclassing `Task`; the others every task defines.
+
+    kind: recorded in the workdir's run.json ('pretrain', 'sft', 'dpo').
+    loss_fn: the step's loss for a batch of `iterator`.
+    total_steps: the task's own length (None: until the data ends or the run's total_steps).
+    needs_frozen: whether the state carries frozen parameters beside the trained ones.
+    """
+
+    kind: str
+    loss_fn: LossFn
+    total_steps: int | None = None
+    needs_frozen: bool = False
+    eval_source: Any = None  # the held-out data `evaluate` reads; None: no evaluation
+
+    def iterator(self, tokenizer: Tokenizer, seed: int) -> Iterator[dict]:
+        """The resumable training batches (Grain `get_state`/`set_state`)."""
+        ...
+
+    def evaluate(
+        self, model, frozen, tokenizer: Tokenizer, eval_step, stage: str
+    ) -> tuple[dict, str | None]:
+        """(scalars, text) on `eval_source`; `eval_step(batch) -> (loss_sum, aux)`."""
+        ...
+
+    def check(self, init_from: str | None) -> None:
+        """Refuses, before anything is written, a run this task cannot do from `init_from`."""
+
+    def prepare(self, workdir: str, tokenizer: Tokenizer, init_from: str | None, load_model):
+        """Work before the first step, e.g. a pass of a frozen model over the data;
+        `load_model(directory)` builds a checkpoint's model on the run's mesh."""
+
+    def initial_frozen(self, params, load_params: Callable[[str], Any]):
+        """The frozen parameters a fresh run starts with (`needs_frozen`), given the initial
+        trained ones; `load_params(directory)` reads a checkpoint's with the run's shardings."""
+        return None
+
+    def stage(self, iterator) -> str:
+        """The name of the stage the iterator's next batch belongs to."""
+        return self.kind
+
+    def model_config(self, config: QwenConfig, stage: str) -> QwenConfig:
+        """The architecture for a stage (staged pre-training raises the RoPE base)."""
+        return config
+
+    def step_metrics(self, metrics: dict) -> dict:
+        """A step's summed metrics as they are logged."""
+        return metrics
 
 
 def eval_pass(eval_step, batches, pair_metrics: Sequence[str] = ()) -> dict:
@@ -44,23 +90,22 @@ def eval_pass(eval_step, batches, pair_metrics: Sequence[str] = ()) -> dict:
     return {key: value / weight for key, value in totals.items()}
 
 
-@gin.configurable
-class PretrainTask:
+class PretrainTask(Task):
     """Staged pre-training. `rope_theta` maps a stage name to its RoPE base (stages not named
     keep the model config's); the optimizer state carries across stages."""
 
     kind = "pretrain"
-    needs_frozen = False
 
     def __init__(
         self,
-        sources: Sequence[Source] = gin.REQUIRED,
-        stages: Sequence[DataStage] = gin.REQUIRED,
+        sources: Sequence[Source],
+        stages: Sequence[DataStage],
         rope_theta: Mapping[str, float] | None = None,
         eval_source: Source | str | None = None,
         eval_batch_size: int = 8,
         packing: str = "first_fit",
         worker_count: int = 0,
+        z_loss: float = 0.0,
     ):
         self.sources, self.stages = list(sources), list(stages)
         self.rope_theta = dict(rope_theta or {})
@@ -69,7 +114,7 @@ class PretrainTask:
             raise ValueError(f"PretrainTask.rope_theta names unknown stages {unknown}")
         self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
         self.packing, self.worker_count = packing, worker_count
-        self.loss_fn = lm_loss_fn
+        self.loss_fn = functools.partial(lm_loss_fn, z_loss=z_loss)
 
     @property
     def total_steps(self) -> int | None:
@@ -101,12 +146,7 @@ class PretrainTask:
             max_position_embeddings=max(config.max_position_embeddings, self.seq_len(stage)),
         )
 
-    def step_metrics(self, metrics: dict) -> dict:
-        return metrics
-
     def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
-        if self.eval_source is None:
-            return {}, None
         batches = pipeline.pretrain_eval_iterator(
             self.eval_source,
             tokenizer,
@@ -116,19 +156,17 @@ class PretrainTask:
         return eval_pass(eval_step, batches), None
 
 
-@gin.configurable
-class SFTTask:
+class SFTTask(Task):
     """Supervised fine-tuning on chat records, loss on assistant turns only (the data pipeline's
     loss mask). Evaluation: loss on the held-out split, exact match of greedy answers, samples."""
 
     kind = "sft"
-    needs_frozen = False
 
     def __init__(
         self,
-        sources=gin.REQUIRED,
-        seq_len: int = gin.REQUIRED,
-        batch_size: int = gin.REQUIRED,
+        sources,
+        seq_len: int,
+        batch_size: int,
         num_epochs: int | None = 2,
         eval_source=None,
         eval_batch_size: int = 8,
@@ -137,6 +175,7 @@ class SFTTask:
         max_new_tokens: int = 16,
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         worker_count: int = 0,
+        z_loss: float = 0.0,
     ):
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.num_epochs = num_epochs
@@ -144,30 +183,27 @@ class SFTTask:
         self.exact_match_examples, self.num_samples = exact_match_examples, num_samples
         self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
         self.worker_count = worker_count
-        self.loss_fn = lm_loss_fn
+        self.loss_fn = functools.partial(lm_loss_fn, z_loss=z_loss)
 
-    total_steps = None
-
-    def iterator(self, tokenizer, seed: int):
+    def _batches(self, source, tokenizer, batch_size: int, **reading):
         return pipeline.sft_iterator(
-            self.sources,
+            source,
             tokenizer,
             seq_len=self.seq_len,
-            batch_size=self.batch_size,
-            seed=seed,
-            num_epochs=self.num_epochs,
+            batch_size=batch_size,
             system_prompt=self.system_prompt,
-            worker_count=self.worker_count,
+            **reading,
         )
 
-    def stage(self, iterator) -> str:
-        return "sft"
-
-    def model_config(self, config: QwenConfig, stage: str) -> QwenConfig:
-        return config
-
-    def step_metrics(self, metrics: dict) -> dict:
-        return metrics
+    def iterator(self, tokenizer, seed: int):
+        return self._batches(
+            self.sources,
+            tokenizer,
+            self.batch_size,
+            seed=seed,
+            num_epochs=self.num_epochs,
+            worker_count=self.worker_count,
+        )
 
     def exact_match(self, model, tokenizer) -> tuple[float, list]:
         examples = list(
@@ -191,16 +227,7 @@ class SFTTask:
         return float(np.mean(hits)), samples
 
     def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
-        if self.eval_source is None:
-            return {}, None
-        batches = pipeline.sft_iterator(
-            self.eval_source,
-            tokenizer,
-            seq_len=self.seq_len,
-            batch_size=self.eval_batch_size,
-            for_eval=True,
-            system_prompt=self.system_prompt,
-        )
+        batches = self._batches(self.eval_source, tokenizer, self.eval_batch_size, for_eval=True)
         scalars = eval_pass(eval_step, batches)
         scalars["exact_match"], samples = self.exact_match(model, tokenizer)
         text = "\n".join(
@@ -210,8 +237,7 @@ class SFTTask:
         return scalars, text
 
 
-@gin.configurable
-class DPOTask:
+class DPOTask(Task):
     """DPO on preference pairs against a frozen reference (by default the starting weights; the
     loop loads `reference` when it names another checkpoint).
 
@@ -226,9 +252,9 @@ class DPOTask:
 
     def __init__(
         self,
-        source=gin.REQUIRED,
-        seq_len: int = gin.REQUIRED,
-        batch_size: int = gin.REQUIRED,
+        source,
+        seq_len: int,
+        batch_size: int,
         prompt_len: int | None = None,
         num_epochs: int | None = 1,
         config: dpo.DPOConfig | None = None,
@@ -255,28 +281,38 @@ class DPOTask:
         self.worker_count, self.chunk_size = worker_count, chunk_size
         self.loss_fn = dpo.make_dpo_loss_fn(self.config, chunk_size=chunk_size)
         self.reference_logps = None
-
-    total_steps = None
-
-    @property
-    def needs_frozen(self) -> bool:
-        return not self.precompute_reference
+        self.needs_frozen = not precompute_reference
 
     def _to_example(self, tokenizer):
         return examples.PreferenceToExample(
             tokenizer, self.prompt_len, self.response_len, self.system_prompt
         )
 
-    def prepare_reference(self, workdir: str, tokenizer, load_reference_model) -> None:
+    def _reference_dir(self, init_from: str | None) -> str:
+        reference = self.reference or init_from
+        if reference is None:
+            raise ValueError(
+                "DPOTask.precompute_reference needs the reference's weights: set "
+                "loop.RunConfig.init_from or DPOTask.reference"
+            )
+        return reference
+
+    def check(self, init_from: str | None) -> None:
+        if self.precompute_reference:
+            self._reference_dir(init_from)
+
+    def prepare(self, workdir: str, tokenizer, init_from: str | None, load_model) -> None:
         """With `precompute_reference`: reads this run's table from the workdir, or computes it
-        with `load_reference_model()` and writes it there (process 0)."""
+        with the reference model and writes it there (process 0)."""
+        if not self.precompute_reference:
+            return
         path = os.path.join(workdir, reference_lib.TABLE_FILE)
         if os.path.exists(path):
             self.reference_logps = reference_lib.load_table(path)
             return
         sources = [self.source] + ([self.eval_source] if self.eval_source is not None else [])
         table = reference_lib.compute_table(
-            load_reference_model(),
+            load_model(self._reference_dir(init_from)),
             sources,
             self._to_example(tokenizer),
             batch_size=self.eval_batch_size,
@@ -285,6 +321,11 @@ class DPOTask:
         if jax.process_index() == 0:
             reference_lib.save_table(path, table)
         self.reference_logps = table
+
+    def initial_frozen(self, params, load_params):
+        if not self.needs_frozen:
+            return None
+        return load_params(self.reference) if self.reference else params
 
     def _pairs(self, source, tokenizer, **kwargs):
         return pipeline.dpo_iterator(
@@ -307,18 +348,10 @@ class DPOTask:
             worker_count=self.worker_count,
         )
 
-    def stage(self, iterator) -> str:
-        return "dpo"
-
-    def model_config(self, config: QwenConfig, stage: str) -> QwenConfig:
-        return config
-
     def step_metrics(self, metrics: dict) -> dict:
         return dpo.pair_means(metrics)
 
     def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
-        if self.eval_source is None:
-            return {}, None
         batches = self._pairs(
             self.eval_source, tokenizer, batch_size=self.eval_batch_size, for_eval=True
         )

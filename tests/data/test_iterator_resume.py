@@ -8,8 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from qwen_jax.data import checkpointing, pipeline
-from qwen_jax.data.config import DataStage, Source
+from qwen_jax.data import pipeline
 
 # Built identically here and in the subprocess. The stage switch at step 30 lies between the
 # saved step (20) and the end (50), so the restored iterator must also switch on time.
@@ -94,21 +93,3 @@ def test_sft_and_dpo_resume(demo_dir, demo_tokenizer):
         for a, b in zip(expected, _take(fresh, 5)):
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])
-
-
-def test_orbax_checkpoint_helpers(tmp_path, demo_dir, demo_tokenizer):
-    sources = [Source("text", str(demo_dir / "pretrain.jsonl"))]
-    stages = [DataStage("a", None, 32, 2, {"text": 1.0})]
-
-    def make():
-        return pipeline.pretrain_iterator(
-            sources, stages, demo_tokenizer, seed=3, shard_index=0, shard_count=1
-        )
-
-    it = make()
-    _take(it, 3)
-    checkpointing.save_iterator_state(tmp_path / "ckpt", it)
-    expected = _take(it, 3)
-    fresh = checkpointing.restore_iterator_state(tmp_path / "ckpt", make())
-    for a, b in zip(expected, _take(fresh, 3)):
-        np.testing.assert_array_equal(a["inputs"], b["inputs"])

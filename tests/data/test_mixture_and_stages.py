@@ -1,7 +1,6 @@
 """Weighted mixtures, the stage schedule, and the shipped gin data configs."""
 
 import collections
-import glob
 import os
 
 import gin
@@ -9,7 +8,8 @@ import pytest
 
 from qwen_jax.data import pipeline
 from qwen_jax.data.bad_records import BadRecordTracker
-from qwen_jax.data.config import DataStage, Source, data_schedule
+from qwen_jax import configurables
+from qwen_jax.data.config import DataStage, Source
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,16 +76,26 @@ def test_stage_config_errors(demo_dir, demo_tokenizer):
         )
 
 
-@pytest.mark.parametrize(
-    "path",
-    sorted(glob.glob(os.path.join(REPO, "configs", "data", "*.gin")))
-    + sorted(glob.glob(os.path.join(REPO, "configs", "pretrain", "data_*.gin"))),
-)
+# The shipped pre-training recipes, with a placeholder for each value the user binds.
+RECIPES = {
+    "configs/pretrain/full.gin": [
+        *(f"{m} = 'x.jsonl'" for m in ("WEB", "CODE", "MATH", "BOOKS", "INSTRUCT", "LONG")),
+        *(f"{m} = 10" for m in ("STAGE1_STEPS", "STAGE2_STEPS", "ANNEAL_STEPS", "STABLE_STEPS")),
+    ],
+    "configs/demo/pretrain.gin": [
+        f"{m} = 'x.jsonl'" for m in ("PRETRAIN_TEXT", "LONG_TEXT", "PRETRAIN_EVAL_TEXT")
+    ],
+}
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES))
 def test_shipped_gin_data_configs_parse(path):
     gin.clear_config()
     try:
-        gin.parse_config_file(path, skip_unknown=True)
-        sources, stages = data_schedule()
+        gin.add_config_file_search_path(REPO)
+        gin.parse_config_files_and_bindings([os.path.join(REPO, path)], RECIPES[path])
+        task = configurables.RunConfig().task
+        sources, stages = {s.name: s for s in task.sources}, task.stages
     finally:
         gin.clear_config()
     assert stages and sources

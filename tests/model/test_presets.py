@@ -8,6 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
+from qwen_jax import configurables
 from qwen_jax.model.config import QwenConfig, parameter_count
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 
@@ -32,7 +33,7 @@ def load(*files) -> QwenConfig:
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([str(CONFIGS / f) for f in files], [])
-        return QwenConfig()
+        return configurables.QwenConfig()
     finally:
         gin.clear_config()
 

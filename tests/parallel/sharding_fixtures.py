@@ -12,11 +12,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from qwen_jax import configurables
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
 from qwen_jax.parallel import mesh as mesh_lib
-from qwen_jax.parallel import sequence_attention  # noqa: F401  (registers sequence_sharded)
 from qwen_jax.train import optimizer as optimizer_lib
 from qwen_jax.train import state as state_lib
 from qwen_jax.train import step as step_lib
@@ -41,7 +41,7 @@ def rules_from_gin(name: str = "rules.gin"):
     gin.clear_config()
     try:
         gin.parse_config_file(str(REPO_ROOT / "configs" / "mesh" / name))
-        return mesh_lib.logical_rules()
+        return configurables.logical_rules()
     finally:
         gin.clear_config()
 

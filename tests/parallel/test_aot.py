@@ -16,7 +16,7 @@ def _report(preset, topology, **kwargs):
     try:
         gin.add_config_file_search_path(str(fx.REPO_ROOT))
         aot.parse_gin([str(fx.REPO_ROOT / "configs" / "models" / preset)], [])
-        return aot.compile_report(topology=topology, **kwargs)
+        return aot.report_from_gin(topology=topology, **kwargs)
     finally:
         gin.clear_config()
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import sharding_fixtures as fx
+from qwen_jax import configurables
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.parallel import mesh as mesh_lib
 from qwen_jax.train import state as state_lib
@@ -21,8 +22,7 @@ def test_every_mesh_gin_parses_and_builds_a_mesh(path):
     try:
         gin.add_config_file_search_path(str(fx.REPO_ROOT))
         gin.parse_config_file(str(path))
-        rules = mesh_lib.logical_rules()
-        mesh = mesh_lib.make_mesh()
+        mesh, rules = configurables.mesh_and_rules()
         mesh_lib.validate_rules(rules, mesh)
     finally:
         gin.clear_config()

@@ -25,7 +25,7 @@ def _fails(workdir, params, match, gin=GIN):
 def test_unknown_gin_parameter(data, tmp_path):
     _fails(
         tmp_path / "w",
-        runs.TINY_PRETRAIN + runs.data_params(data) + ["loop.train.no_such = 1"],
+        runs.TINY_PRETRAIN + runs.data_params(data) + ["setup.RunConfig.no_such = 1"],
         "no_such",
     )
     assert not (tmp_path / "w").exists()
@@ -40,7 +40,7 @@ def test_missing_data_path(data, tmp_path):
 
 
 def test_workdir_of_another_run_and_checkpoint_of_another_size(data, tmp_path):
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["loop.train.total_steps = 2"]
+    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["setup.RunConfig.total_steps = 2"]
     runs.run(tmp_path / "w", GIN, params)
     before = {
         p: os.path.getmtime(os.path.join(dp, p))
@@ -59,7 +59,8 @@ def test_workdir_of_another_run_and_checkpoint_of_another_size(data, tmp_path):
     step_dir = tmp_path / "w" / "checkpoints" / "2"
     _fails(
         tmp_path / "w2",
-        params + ["config.QwenConfig.hidden_size = 64", f"loop.train.init_from = '{step_dir}'"],
+        params
+        + ["config.QwenConfig.hidden_size = 64", f"setup.RunConfig.init_from = '{step_dir}'"],
         "differs from the initial checkpoint",
     )
     assert not (tmp_path / "w2").exists()
@@ -119,7 +120,7 @@ def _sft_params(init_from, train_file) -> list[str]:
 
 def test_the_demo_tokenizer_is_refused_for_a_qwen_checkpoint(data, qwen_vocab_checkpoint, tmp_path):
     params = _sft_params(qwen_vocab_checkpoint, data["chat_train.jsonl"]) + [
-        f"loop.train.tokenizer_path = '{runs.DEMO_TOKENIZER_PATH}'"
+        f"setup.RunConfig.tokenizer_path = '{runs.DEMO_TOKENIZER_PATH}'"
     ]
     _fails(tmp_path / "w", params, "does not belong to the model", gin=["configs/sft.gin"])
     assert not (tmp_path / "w").exists()
@@ -127,7 +128,7 @@ def test_the_demo_tokenizer_is_refused_for_a_qwen_checkpoint(data, qwen_vocab_ch
 
 def test_an_unknown_data_format_names_the_file_and_its_fields(data, tmp_path):
     # A 2-step run whose checkpoint (and the demo tokenizer it carries) the SFT run starts from.
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["loop.train.total_steps = 2"]
+    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["setup.RunConfig.total_steps = 2"]
     runs.run(tmp_path / "base", GIN, params)
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "What is 2 + 2?", "answer": "4"}\n' * 4)
@@ -142,11 +143,11 @@ def test_an_unknown_data_format_names_the_file_and_its_fields(data, tmp_path):
 
 
 def test_rerunning_a_finished_run_is_a_no_op_and_a_larger_total_continues(data, tmp_path):
-    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["loop.train.total_steps = 3"]
+    params = runs.TINY_PRETRAIN + runs.data_params(data) + ["setup.RunConfig.total_steps = 3"]
     runs.run(tmp_path / "w", GIN, params)
     again = runs.run(tmp_path / "w", GIN, params)
     assert "is complete at step 3: nothing to do" in again.stderr
     assert runs.checkpoint_steps(tmp_path / "w") == [3]
-    runs.run(tmp_path / "w", GIN, params + ["loop.train.total_steps = 5"])
+    runs.run(tmp_path / "w", GIN, params + ["setup.RunConfig.total_steps = 5"])
     assert runs.checkpoint_steps(tmp_path / "w")[-1] == 5
     assert sorted(runs.train_records(tmp_path / "w")) == [1, 2, 3, 4, 5]

@@ -11,7 +11,7 @@ import train_runs as runs
 from qwen_jax.checkpoint import model_io
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.transformer import Qwen2ForCausalLM
-from qwen_jax import cli
+from qwen_jax import cli, configurables
 from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
 from qwen_jax.train import loop, reference
 
@@ -56,7 +56,7 @@ def _train(workdir, setup, *, precompute: bool, steps: int = 3, init: bool = Tru
     cli.parse_gin(
         files,
         [
-            f"loop.train.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
+            f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
             f"PREFERENCE_TRAIN = '{data['preference_train.jsonl']}'",
             f"PREFERENCE_EVAL = '{data['preference_eval.jsonl']}'",
             f"INIT_FROM = {repr(str(root / 'init')) if init else None}",
@@ -67,13 +67,13 @@ def _train(workdir, setup, *, precompute: bool, steps: int = 3, init: bool = Tru
             "tasks.DPOTask.seq_len = 40",
             "tasks.DPOTask.prompt_len = 32",
             "tasks.DPOTask.max_new_tokens = 4",
-            "loop.train.log_every = 1",
-            "loop.train.eval_at_start = False",
+            "setup.RunConfig.log_every = 1",
+            "setup.RunConfig.eval_at_start = False",
             f"tasks.DPOTask.precompute_reference = {precompute}",
         ],
     )
     try:
-        return loop.train(str(workdir))
+        return loop.train(str(workdir), configurables.train_setup())
     finally:
         gin.clear_config()
 

@@ -16,7 +16,7 @@ def test_profile_steps_write_a_trace(tmp_path):
     params = (
         runs.TINY_PRETRAIN
         + runs.data_params(data)
-        + ["loop.train.total_steps = 4", "loop.train.profile_steps = (2, 1)"]
+        + ["setup.RunConfig.total_steps = 4", "setup.RunConfig.profile_steps = (2, 1)"]
     )
     runs.run(tmp_path / "run", PRETRAIN, params)
     traces = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
@@ -31,8 +31,8 @@ def test_nan_policy_stop_exits_nonzero_and_keeps_the_last_good_checkpoint(tmp_pa
         runs.TINY_PRETRAIN
         + runs.data_params(data)
         + [
-            "loop.train.total_steps = 6",
-            "loop.train.nan_policy = 'stop'",
+            "setup.RunConfig.total_steps = 6",
+            "setup.RunConfig.nan_policy = 'stop'",
             "optimizer.warmup_stable_decay.warmup_steps = 0",
             "optimizer.warmup_stable_decay.peak_lr = 1e30",
             "manager.CheckpointConfig.every_steps = 1",

@@ -19,7 +19,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # A 2-layer model on the demo corpus, two stages (the second with longer rows and a new RoPE
 # theta), logging every step.
 TINY_PRETRAIN = [
-    f"loop.train.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
+    f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
     "config.QwenConfig.hidden_size = 32",
     "config.QwenConfig.intermediate_size = 64",
     "config.QwenConfig.num_hidden_layers = 2",
@@ -32,7 +32,7 @@ TINY_PRETRAIN = [
     "optimizer.warmup_stable_decay.warmup_steps = 5",
     "optimizer.warmup_stable_decay.stable_steps = 15",
     "DECAY_STEPS = 20",
-    "loop.train.log_every = 1",
+    "setup.RunConfig.log_every = 1",
     "tasks.PretrainTask.eval_source = None",
 ]
 

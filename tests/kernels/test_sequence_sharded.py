@@ -7,11 +7,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import sharding_fixtures as fx
-from qwen_jax.model import attention as attention_lib
-from qwen_jax.parallel import logical
+from qwen_jax import configurables
+from qwen_jax.cli import REPO_ROOT
+from qwen_jax.kernels import registry, sequence_sharded
+from qwen_jax.kernels.xla import xla_attention
 from qwen_jax.parallel import mesh as mesh_lib
-from qwen_jax.parallel import sequence_attention
+
+
+def _rules():
+    gin.clear_config()
+    try:
+        gin.parse_config_file(f"{REPO_ROOT}/configs/mesh/rules.gin")
+        return configurables.logical_rules()
+    finally:
+        gin.clear_config()
 
 
 def _inputs(b=4, t=32, heads=4, kv_heads=2, d=8):
@@ -34,34 +43,24 @@ def _inputs(b=4, t=32, heads=4, kv_heads=2, d=8):
 
 def test_sequence_sharded_attention_equals_xla_attention():
     q, k, v, tokens = _inputs()
-    expected = attention_lib.xla_attention(q, k, v, **tokens)
+    expected = xla_attention(q, k, v, **tokens)
     mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(fsdp=2, tensor=2, sequence=2))
-    fn = attention_lib.get("sequence_sharded")
-    gin.clear_config()
-    gin.bind_parameter("query_block_size.size", 8)  # 16 local queries: two blocks per shard
-    try:
-        with logical.activate(mesh, fx.rules_from_gin()):
-            got = jax.jit(lambda *a, **kw: fn(*a, **kw))(q, k, v, **tokens)
-            hlo = jax.jit(lambda *a, **kw: fn(*a, **kw)).lower(q, k, v, **tokens).as_text()
-    finally:
-        gin.clear_config()
+    # 16 local queries: two blocks per shard.
+    fn = registry.attention_fn("sequence_sharded", mesh=mesh, rules=_rules(), block_size=8)
+    got = jax.jit(lambda *a, **kw: fn(*a, **kw))(q, k, v, **tokens)
+    hlo = jax.jit(lambda *a, **kw: fn(*a, **kw)).lower(q, k, v, **tokens).as_text()
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
     assert "all_gather" in hlo or "all-gather" in hlo
 
 
 def test_query_blocked_gradients_match():
     q, k, v, tokens = _inputs(b=2, t=16)
-    blocked = sequence_attention.query_blocked(attention_lib.xla_attention)
+    blocked = sequence_sharded.query_blocked(xla_attention, 4)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, **tokens)))
 
-    gin.clear_config()
-    gin.bind_parameter("query_block_size.size", 4)
-    try:
-        got = jax.grad(loss(blocked), (0, 1, 2))(q, k, v)
-    finally:
-        gin.clear_config()
-    want = jax.grad(loss(attention_lib.xla_attention), (0, 1, 2))(q, k, v)
+    got = jax.grad(loss(blocked), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(xla_attention), (0, 1, 2))(q, k, v)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
