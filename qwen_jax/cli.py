@@ -11,6 +11,7 @@ line, e.g. `error: CHAT_TRAIN is required: set it with --gin_param=CHAT_TRAIN=..
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -65,23 +66,37 @@ def parse_gin(
     gin.add_config_file_search_path(REPO_ROOT)
     for file in files:
         _find(file)
-    try:
-        gin.parse_config(list(defaults))
-        gin.parse_config_files_and_bindings(files, params, finalize_config=False)
-        if default_mesh and not configurables.binds("logical_rules.rules"):
-            import jax
+    _parse([*defaults], files, params)
+    if default_mesh and not configurables.binds("logical_rules.rules"):
+        import jax
 
-            logging.info(
-                "no mesh gin file given: using %s (all %d local devices on the fsdp axis)",
-                DEFAULT_MESH_FILE,
-                jax.local_device_count(),
-            )
-            gin.clear_config()
-            gin.parse_config([*defaults, f"include '{DEFAULT_MESH_FILE}'"])
-            gin.parse_config_files_and_bindings(files, params, finalize_config=False)
+        logging.info(
+            "no mesh gin file given: using %s (all %d local devices on the fsdp axis)",
+            DEFAULT_MESH_FILE,
+            jax.local_device_count(),
+        )
+        gin.clear_config()
+        _parse([*defaults, f"include '{DEFAULT_MESH_FILE}'"], files, params)
+    try:
         gin.finalize()
-    except (ValueError, SyntaxError, ImportError, OSError) as e:
+    except Exception as e:
         raise UserError(gin_message(e)) from e
+
+
+def _parse(bindings: Sequence[str], files: Sequence[str], params: Sequence[str]) -> None:
+    """gin.parse_config_files_and_bindings, one file at a time so that an error names its file
+    (gin's own messages do for unknown names, not for a syntax error)."""
+    import gin
+
+    for source, parse in (
+        ("", lambda: gin.parse_config(list(bindings))),
+        *((f"--gin_file={f}: ", functools.partial(gin.parse_config_file, f)) for f in files),
+        ("", lambda: gin.parse_config(list(params))),
+    ):
+        try:
+            parse()
+        except Exception as e:  # anything parsing raises (a syntax or tokenizer error, an import)
+            raise UserError(source + gin_message(e)) from e
 
 
 def mesh_from_flags():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -56,6 +57,13 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+CORRUPT = "corrupt"  # where steps that do not restore are moved, beside the steps
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read back; the message names the step."""
+
+
 class TrainCheckpointer:
     def __init__(self, directory: str, config: CheckpointConfig):
         self.config = config
@@ -70,9 +78,46 @@ class TrainCheckpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """Fails at once, in one line, where saves could not be written: otherwise the first
+        asynchronous save would fail in a background thread, reported a step later."""
+        probe = os.path.join(self.directory, ".write-probe")
+        try:
+            os.makedirs(probe, exist_ok=True)
+            os.rmdir(probe)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoints under {self.directory}: {e.strerror or e}"
+            ) from None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The complete steps, newest first."""
+        return sorted(self._manager.all_steps(), reverse=True)
+
+    def set_aside(self, step: int) -> str:
+        """Moves a step that does not restore into `corrupt/` (kept for inspection, never
+        deleted); returns where it went."""
+        target = os.path.join(self.directory, CORRUPT, str(step))
+        n = 1
+        while os.path.exists(target):
+            target = os.path.join(self.directory, CORRUPT, f"{step}.{n}")
+            n += 1
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+        return target
+
+    def check_for_errors(self) -> None:
+        """Raises, as one CheckpointError, the failure of a finished asynchronous save."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # whatever the storage raised in the save thread
+            raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {e}") from e
 
     def should_save(self, step: int) -> bool:
         return step % self.config.every_steps == 0
@@ -114,8 +159,14 @@ class TrainCheckpointer:
         if frozen is not None:
             items[FROZEN] = ocp.args.StandardRestore(_abstract(frozen))
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        missing = [name for name in items if restored[name] is None]
+        if missing:
+            raise CheckpointError(f"step {step} has no {', '.join(missing)}")
         return {name: restored[name] for name in items}
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        except Exception as e:  # the last asynchronous save failed
+            raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {e}") from e

@@ -37,16 +37,28 @@ class SourceTally:
 class BadRecordTracker:
     """Counts good and bad records per source and enforces each source's threshold.
 
+    The fraction is judged from a source's first record on, as soon as the count makes it
+    meaningful: once `min_bad` of its records were bad (a 30%-bad file fails within its first
+    ~35 records) or `min_records` were read (so one bad line among the first few never aborts a
+    run, and a file at half the threshold passes: 10 bad records in fewer than 1,000 from a 0.5%
+    source has a probability of 3%). `finish()` judges whatever was seen (finite passes).
+
     Args:
       thresholds: source name -> maximum tolerated bad fraction.
-      min_records: the fraction is only judged once a source has this many records, so that one
-        bad line among the first few does not abort a run; `finish()` judges whatever was seen.
+      min_records, min_bad: when the fraction starts being judged (above).
       log_first: how many bad records per source are logged with their location.
     """
 
-    def __init__(self, thresholds: dict[str, float], min_records: int = 1000, log_first: int = 5):
+    def __init__(
+        self,
+        thresholds: dict[str, float],
+        min_records: int = 1000,
+        log_first: int = 5,
+        min_bad: int = 10,
+    ):
         self._thresholds = dict(thresholds)
         self._min_records = min_records
+        self._min_bad = min_bad
         self._log_first = log_first
         self.tallies: dict[str, SourceTally] = collections.defaultdict(SourceTally)
 
@@ -70,6 +82,29 @@ class BadRecordTracker:
         for source in list(self.tallies):
             self._check(source, final=True)
 
+    def state(self) -> dict:
+        """The tallies as JSON, saved with the data iterator's state."""
+        return {
+            source: {"seen": t.seen, "bad": t.bad, "reasons": dict(t.reasons)}
+            for source, t in self.tallies.items()
+        }
+
+    def restore(self, state: dict) -> None:
+        """Continues the tallies of a saved `state()`, so a resumed run's totals are the run's."""
+        for source, saved in state.items():
+            tally = self.tallies[source]
+            tally.seen, tally.bad = saved["seen"], saved["bad"]
+            tally.reasons = collections.Counter(saved["reasons"])
+
+    def scalars(self) -> dict[str, float]:
+        """Per source: records read, bad ones, and bad ones by reason (for metrics.jsonl)."""
+        out = {}
+        for source, t in sorted(self.tallies.items()):
+            out[f"{source}/records"] = t.seen
+            out[f"{source}/bad"] = t.bad
+            out.update({f"{source}/bad/{reason}": n for reason, n in sorted(t.reasons.items())})
+        return out
+
     def summary(self) -> str:
         lines = []
         for source, t in sorted(self.tallies.items()):
@@ -81,7 +116,7 @@ class BadRecordTracker:
 
     def _check(self, source: str, final: bool) -> None:
         tally = self.tallies[source]
-        if not final and tally.seen < self._min_records:
+        if not final and tally.seen < self._min_records and tally.bad < self._min_bad:
             return
         limit = self._thresholds.get(source, 0.01)
         if tally.bad_fraction > limit:

@@ -321,7 +321,29 @@ def _record_batches(
         tracker=tracker,
     )
     ds = _batched(to_rows(ds, per_host), per_host, finite=num_epochs is not None)
-    return iter(_finish(ds, worker_count, 0 if for_eval else prefetch))
+    return TrackedIterator(iter(_finish(ds, worker_count, 0 if for_eval else prefetch)), tracker)
+
+
+class TrackedIterator(grain.DatasetIterator):
+    """A Grain iterator whose state also carries its bad-record tallies (`bad_records`)."""
+
+    def __init__(self, inner: grain.DatasetIterator, bad_records: BadRecordTracker):
+        super().__init__()
+        self._inner, self.bad_records = inner, bad_records
+
+    def __next__(self):
+        return next(self._inner)
+
+    def get_state(self) -> dict:
+        return {"pipeline": self._inner.get_state(), "bad_records": self.bad_records.state()}
+
+    def set_state(self, state: dict) -> None:
+        self._inner.set_state(state["pipeline"])
+        self.bad_records.restore(state["bad_records"])
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
 
 
 def sft_iterator(

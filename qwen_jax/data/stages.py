@@ -82,6 +82,7 @@ class StagedIterator(grain.DatasetIterator):
             "step": self._step,
             "step_in_stage": self._step_in_stage,
             "stage_state": self._inner.get_state(),
+            **({"bad_records": self.bad_records.state()} if self.bad_records else {}),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -96,6 +97,8 @@ class StagedIterator(grain.DatasetIterator):
         self._step = state["step"]
         self._step_in_stage = state["step_in_stage"]
         self._inner.set_state(state["stage_state"])
+        if self.bad_records is not None and "bad_records" in state:
+            self.bad_records.restore(state["bad_records"])
 
     def start_prefetch(self) -> None:
         self._inner.start_prefetch()

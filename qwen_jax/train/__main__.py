@@ -6,16 +6,21 @@ newest checkpoint in DIR. Without a mesh gin file, every local device goes on th
 Bad input (an unknown or missing gin value, a missing data path, a data file in an unknown
 format, a tokenizer that does not belong to the model, a checkpoint of another model, a workdir
 of another run) ends with one line naming the problem and exit status 1; nothing in the workdir
-is overwritten.
+is overwritten. SIGTERM at any moment ends with exit 0: the step reached is saved, or nothing
+when no step ran.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from qwen_jax.train import preemption
 
-from qwen_jax import cli
+preemption.install()  # first thing: from start-up to exit a SIGTERM never cuts the run half-way
+
+from absl import app, flags, logging  # noqa: E402
+
+from qwen_jax import cli  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and TensorBoard events")
 MULTIHOST = flags.DEFINE_bool(

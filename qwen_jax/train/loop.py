@@ -27,13 +27,13 @@ from absl import logging
 from flax import nnx
 
 from qwen_jax.checkpoint import model_io
-from qwen_jax.checkpoint.manager import TrainCheckpointer
+from qwen_jax.checkpoint.manager import CheckpointError, TrainCheckpointer
 from qwen_jax.model.config import model_flops_per_token
 from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
 from qwen_jax.parallel import mesh as mesh_lib
 from qwen_jax.train import metrics as metrics_lib
 from qwen_jax.train import run_tokenizer
-from qwen_jax.train.preemption import PreemptionWatcher
+from qwen_jax.train import preemption
 from qwen_jax.train.setup import TrainSetup
 from qwen_jax.train.state import TrainState, create_train_state
 from qwen_jax.train.step import make_train_step
@@ -61,8 +61,14 @@ def _check_run(workdir: str, identity: dict, info: dict) -> None:
     clear refusal. run.json also records `info` (e.g. where the tokenizer came from)."""
     path = os.path.join(workdir, RUN_FILE)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{path} is not a readable run file ({e}); it records which run the workdir "
+                f"holds: restore it, or choose another --workdir"
+            ) from None
         diff = sorted(k for k in identity if recorded.get(k) != identity[k])
         if diff:
             raise ValueError(
@@ -136,9 +142,47 @@ class _StepBuilder:
         return nnx.merge(self.graphdef, jax.tree.map(jnp.asarray, params))
 
 
+def _restore_newest(setup: TrainSetup, checkpointer: TrainCheckpointer, state: TrainState):
+    """(restored items, step) of the newest step that restores, walking back from the newest;
+    steps that do not restore are moved into `checkpoints/corrupt/` once an older one has, each
+    named in one log line. (None, None) without checkpoints; an error when none restores."""
+    failed = []
+    for step in checkpointer.steps():
+        try:
+            restored = checkpointer.restore(
+                step, params=state.params, opt_state=state.opt_state, frozen=state.frozen
+            )
+        except Exception as e:  # a missing or truncated item, a shape that does not match
+            logging.debug("restoring step %d failed", step, exc_info=True)
+            failed.append((step, " ".join(str(e).split())[:300] or type(e).__name__))
+            continue
+        if restored["model_config"] != setup.model_config.to_hf_config():
+            raise ValueError(
+                f"checkpoint {checkpointer.directory}/{step} is of another model "
+                f"than the one configured"
+            )
+        for bad, reason in failed:
+            moved = checkpointer.set_aside(bad)
+            logging.warning(
+                "checkpoint step %d does not restore (%s): moved to %s; using step %d",
+                bad,
+                reason,
+                moved,
+                step,
+            )
+        return restored, step
+    if failed:
+        raise CheckpointError(
+            f"no checkpoint in {checkpointer.directory} restores (steps "
+            f"{', '.join(str(s) for s, _ in failed)}; newest: {failed[0][1]}); refusing to "
+            f"start over from scratch: move them away to do so"
+        )
+    return None, None
+
+
 def _restore_or_init(setup: TrainSetup, checkpointer: TrainCheckpointer, iterator):
-    """(state, shardings, step): the newest checkpoint's, or the initial weights at step 0
-    (the initial checkpoint's, else random) with the task's initial frozen parameters."""
+    """(state, shardings, step): the newest checkpoint that restores, or the initial weights at
+    step 0 (the initial checkpoint's, else random) with the task's initial frozen parameters."""
     task, run = setup.task, setup.run
     config = task.model_config(setup.model_config, task.stage(iterator))
     state, _, shardings = create_train_state(
@@ -148,16 +192,8 @@ def _restore_or_init(setup: TrainSetup, checkpointer: TrainCheckpointer, iterato
         setup.rules,
         with_frozen=task.needs_frozen,
     )
-    step = checkpointer.latest_step()
-    if step is not None:
-        restored = checkpointer.restore(
-            step, params=state.params, opt_state=state.opt_state, frozen=state.frozen
-        )
-        if restored["model_config"] != setup.model_config.to_hf_config():
-            raise ValueError(
-                f"checkpoint {checkpointer.directory}/{step} is of another model "
-                f"than the one configured"
-            )
+    restored, step = _restore_newest(setup, checkpointer, state)
+    if restored is not None:
         meta = restored["train_meta"]
         state = state.replace(
             params=restored["params"],
@@ -187,8 +223,13 @@ def _restore_or_init(setup: TrainSetup, checkpointer: TrainCheckpointer, iterato
 
 
 def train(workdir: str, setup: TrainSetup) -> Result:
-    """Trains `setup.task` in `workdir`, resuming from its newest complete checkpoint."""
-    workdir = os.path.abspath(workdir)
+    """Trains `setup.task` in `workdir`, resuming from its newest checkpoint that restores.
+    SIGTERM saves the step reached and returns (nothing is saved before the first step)."""
+    with preemption.handled():
+        return _train(os.path.abspath(workdir), setup)
+
+
+def _train(workdir: str, setup: TrainSetup) -> Result:
     task, run, tokenizer = setup.task, setup.run, setup.tokenizer
     logging.info("tokenizer %s: %d ids", setup.tokenizer_path, tokenizer.vocab_size)
     task.iterator(tokenizer, run.seed)  # fails on missing data before the workdir is touched
@@ -204,12 +245,6 @@ def train(workdir: str, setup: TrainSetup) -> Result:
     if jax.process_index() == 0:
         run_tokenizer.keep(workdir, setup.tokenizer_path)
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), setup.checkpoint)
-    step = checkpointer.latest_step()
-    if step is not None and setup.total_steps is not None and step >= setup.total_steps:
-        # A scheduler that retries until exit 0, or a kill after the final save, lands here.
-        checkpointer.close()
-        logging.info("the run in %s is complete at step %d: nothing to do", workdir, step)
-        return Result(step=step, workdir=workdir, train={}, eval={}, eval_at_start={})
     try:
         task.prepare(
             workdir,
@@ -221,6 +256,10 @@ def train(workdir: str, setup: TrainSetup) -> Result:
         )
         iterator = task.iterator(tokenizer, run.seed)
         state, shardings, step = _restore_or_init(setup, checkpointer, iterator)
+        if setup.total_steps is not None and step >= setup.total_steps:
+            # A scheduler that retries until exit 0, or a kill after the final save, lands here.
+            logging.info("the run in %s is complete at step %d: nothing to do", workdir, step)
+            return Result(step=step, workdir=workdir, train={}, eval={}, eval_at_start={})
         return _Steps(workdir, setup, checkpointer, iterator, state, shardings).run(step)
     finally:
         checkpointer.close()
@@ -307,14 +346,16 @@ class _Steps:
     def run(self, step: int) -> Result:
         setup, run, task = self.setup, self.setup.run, self.setup.task
         total_steps, stage = setup.total_steps, task.stage(self.iterator)
-        watcher = PreemptionWatcher()
         first_step, preempted = step, False
         try:
             while total_steps is None or step < total_steps:
-                if watcher.should_stop(step):
+                if preemption.should_stop(step):
+                    preempted = True
+                    if step == first_step:
+                        logging.warning("SIGTERM before the first step: nothing to save; exiting")
+                        break
                     logging.warning("SIGTERM: saving step %d and exiting", step)
                     self.save(step)
-                    preempted = True
                     break
                 try:
                     batch = next(self.iterator)
@@ -340,6 +381,7 @@ class _Steps:
                     self.log(step, stage, step_metrics, batch)
                 if run.eval_every and step % run.eval_every == 0:
                     self.last_eval = self.evaluate(step, stage)
+                self.checkpointer.check_for_errors()  # a failed async save, one step late at most
                 if self.checkpointer.should_save(step):
                     self.save(step)
                 stage = next_stage
@@ -347,11 +389,12 @@ class _Steps:
                 self.save(step)
                 if not run.eval_every or step % run.eval_every:
                     self.last_eval = self.evaluate(step, stage)
+            # Records read and bad, per source and reason, over the whole run (resumes included).
+            self.writer.write(step, self.iterator.bad_records.scalars(), prefix="data")
         finally:
             if self.profiling:
                 jax.profiler.stop_trace()
             self.writer.close()
-            watcher.close()
         return Result(
             step=step,
             workdir=self.workdir,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -66,8 +67,13 @@ def save_table(path: str, table: Table) -> None:
 
 
 def load_table(path: str) -> dict[str, tuple[float, float]]:
-    with np.load(path) as data:
-        return {
-            str(loc): (float(c), float(r))
-            for loc, c, r in zip(data["locs"], data["chosen"], data["rejected"])
-        }
+    try:
+        with np.load(path) as data:
+            return {
+                str(loc): (float(c), float(r))
+                for loc, c, r in zip(data["locs"], data["chosen"], data["rejected"])
+            }
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path}: not a readable reference table ({e}); delete it to compute it again"
+        ) from None

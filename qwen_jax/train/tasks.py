@@ -42,7 +42,8 @@ class Task(Protocol):
     eval_source: Any = None  # the held-out data `evaluate` reads; None: no evaluation
 
     def iterator(self, tokenizer: Tokenizer, seed: int) -> Iterator[dict]:
-        """The resumable training batches (Grain `get_state`/`set_state`)."""
+        """The resumable training batches: a `qwen_jax.data.pipeline` iterator (Grain
+        `get_state`/`set_state`, and `bad_records`, the tallies of the records it read)."""
         ...
 
     def evaluate(

@@ -5,12 +5,8 @@ import os
 import gin
 import numpy as np
 import pytest
-from flax import nnx
 
 import train_runs as runs
-from qwen_jax.checkpoint import model_io
-from qwen_jax.model.config import QwenConfig
-from qwen_jax.model.transformer import Qwen2ForCausalLM
 from qwen_jax import cli, configurables
 from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
 from qwen_jax.train import loop, reference
@@ -31,20 +27,7 @@ TRL_METRICS = (
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_reference")
     data = runs.write_data(root / "data")
-    config = QwenConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=640,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=545,
-        eos_token_id=545,
-    )
-    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(1))
-    model_io.save_model_checkpoint(root / "init", model_io.model_params(model), config)
+    runs.save_tiny_checkpoint(root / "init", seed=1)
     return root, data
 
 

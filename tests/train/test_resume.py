@@ -2,50 +2,31 @@
 
 import os
 import signal
-import time
 
-import numpy as np
 import pytest
 
 import train_runs as runs
 
-GIN = ["configs/demo/pretrain.gin"]
-EVERY_7 = ["manager.CheckpointConfig.every_steps = 7"]
+GIN = runs.PRETRAIN_GIN
+EVERY_7 = runs.EVERY_7
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return runs.write_data(tmp_path_factory.mktemp("data"))
+@pytest.fixture
+def data(tiny_pretrain_data):
+    return tiny_pretrain_data
 
 
-@pytest.fixture(scope="module")
-def reference_run(data, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    runs.run(workdir, GIN, runs.TINY_PRETRAIN + runs.data_params(data) + EVERY_7)
-    return workdir
+@pytest.fixture
+def reference_run(tiny_pretrain_reference):
+    return tiny_pretrain_reference
 
 
 def _wait_for_step(workdir, proc, step, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early: {proc.returncode}\n{proc.stderr.read()[-3000:]}")
-        if max(runs.train_records(workdir), default=0) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+    runs.wait_for_step(workdir, proc, step, timeout)
 
 
 def _assert_same_run(workdir, reference):
-    ours, theirs = runs.train_records(workdir), runs.train_records(reference)
-    assert sorted(ours) == sorted(theirs) == list(range(1, 41))
-    for step in ours:  # the loss curve, step by step, bit for bit
-        assert ours[step]["loss"] == theirs[step]["loss"], step
-        assert ours[step]["label"] == theirs[step]["label"], step
-    a, b = runs.flat(runs.load_params(workdir, 40)), runs.flat(runs.load_params(reference, 40))
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    runs.assert_same_run(workdir, reference)
 
 
 def test_kill_9_then_resume_is_exact(data, reference_run, tmp_path):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -35,6 +36,64 @@ TINY_PRETRAIN = [
     "setup.RunConfig.log_every = 1",
     "tasks.PretrainTask.eval_source = None",
 ]
+
+
+PRETRAIN_GIN = ["configs/demo/pretrain.gin"]
+EVERY_7 = ["manager.CheckpointConfig.every_steps = 7"]
+
+
+def tiny_pretrain(data: dict[str, str], *extra: str) -> list[str]:
+    """The bindings of the tiny two-stage run on `data`, checkpoints every 7 steps."""
+    return TINY_PRETRAIN + data_params(data) + EVERY_7 + list(extra)
+
+
+def assert_same_run(workdir, reference, last_step: int = 40) -> None:
+    """The loss at every step and every final parameter equal the reference run's, bit for bit."""
+    ours, theirs = train_records(workdir), train_records(reference)
+    assert sorted(ours) == sorted(theirs) == list(range(1, last_step + 1))
+    for step in ours:
+        assert ours[step]["loss"] == theirs[step]["loss"], step
+        assert ours[step]["label"] == theirs[step]["label"], step
+    a, b = flat(load_params(workdir, last_step)), flat(load_params(reference, last_step))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def wait_for_step(workdir, proc, step: int, timeout: float = 300) -> None:
+    """Returns once the run in `workdir` has logged `step` (it logs every step)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.returncode}\n{proc.stderr.read()[-3000:]}")
+        if max(train_records(workdir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def save_tiny_checkpoint(directory, seed: int = 0) -> None:
+    """A random 2-layer model over the demo vocabulary, as a model checkpoint (for `init_from`)."""
+    from flax import nnx
+
+    from qwen_jax.checkpoint import model_io
+    from qwen_jax.model.config import QwenConfig
+    from qwen_jax.model.transformer import Qwen2ForCausalLM
+
+    config = QwenConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=640,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=545,
+        eos_token_id=545,
+    )
+    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
+    model_io.save_model_checkpoint(directory, model_io.model_params(model), config)
 
 
 def write_data(directory) -> dict[str, str]:
@@ -81,13 +140,15 @@ def run(workdir, gin_files, params, *, extra_env=None, check=True, timeout=600):
     return result
 
 
-def start(workdir, gin_files, params, *, extra_env=None) -> subprocess.Popen:
+def start(workdir, gin_files, params, *, extra_env=None, log=None) -> subprocess.Popen:
+    """The run in the background; its log goes to the open file `log` (a pipe nobody reads
+    would stall a long run once full), else to a pipe."""
     return subprocess.Popen(
         command(workdir, gin_files, params),
         cwd=REPO_ROOT,
         env={**env(), **(extra_env or {})},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log or subprocess.PIPE,
         text=True,
     )
 
