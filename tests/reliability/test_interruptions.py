@@ -193,3 +193,22 @@ def _writable(directory: pathlib.Path) -> bool:
         return False
     (directory / "probe").rmdir()
     return True
+
+
+def test_a_full_disk_is_one_error_line(tiny_pretrain_data, tmp_path):
+    """Checkpoints on a 1.5 MB tmpfs: the first save fits, a later one runs out of space."""
+    checkpoints = tmp_path / "w" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(checkpoints)],
+        capture_output=True,
+    )
+    if mount.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        result = runs.run(tmp_path / "w", GIN, runs.tiny_pretrain(tiny_pretrain_data), check=False)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+        assert str(checkpoints) in errors[0], errors[0]
+    finally:
+        subprocess.run(["umount", str(checkpoints)], check=True)

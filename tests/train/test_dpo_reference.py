@@ -107,3 +107,12 @@ def test_precompute_without_reference_weights_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="precompute_reference needs the reference's weights"):
         _train(tmp_path / "w", setup, precompute=True, init=False)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_truncated_table_is_one_clear_error(tmp_path):
+    path = tmp_path / reference.TABLE_FILE
+    reference.save_table(str(path), {"pairs.jsonl:1": (-1.0, -2.0)})
+    assert reference.load_table(str(path)) == {"pairs.jsonl:1": (-1.0, -2.0)}
+    path.write_bytes(path.read_bytes()[:40])  # cut short, e.g. by a full disk
+    with pytest.raises(ValueError, match="not a readable reference table .*delete it"):
+        reference.load_table(str(path))
