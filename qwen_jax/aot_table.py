@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import gin
 from absl import app, flags
 
-from qwen_jax import aot, configurables
+from qwen_jax import aot, cli, configurables
 from qwen_jax.model.config import parameter_count
 
 _GENERATION = flags.DEFINE_string("generation", "v5p", f"one of {sorted(aot.GENERATIONS)}")
@@ -72,8 +73,7 @@ def _row(r: dict) -> str:
     )
 
 
-def main(argv) -> None:
-    del argv
+def main() -> None:
     slices = aot.standard_slices(_GENERATION.value)
     hbm = aot.HBM_BYTES[
         {
@@ -111,4 +111,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(lambda argv: sys.exit(cli.run(main, argv)))

@@ -15,11 +15,13 @@ import json
 import os
 import pathlib
 import random
+import sys
 import tempfile
 import time
 
 from absl import app, flags
 
+from qwen_jax import cli
 from qwen_jax.data import demo_corpus, pipeline
 from qwen_jax.data.config import DataStage, Source
 from qwen_jax.data.tokenizer import Tokenizer
@@ -119,8 +121,7 @@ def run(
     return result
 
 
-def main(argv):
-    del argv
+def main() -> None:
     f = flags.FLAGS
     result = run(
         f.tokenizer or default_tokenizer_path(),
@@ -154,4 +155,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
     flags.DEFINE_integer("workers", 0, "Grain worker processes.")
     flags.DEFINE_enum("packing", "first_fit", ["first_fit", "concat_split"], "Packer.")
-    app.run(main)
+    app.run(lambda argv: sys.exit(cli.run(main, argv)))

@@ -9,6 +9,7 @@ the same 22 control tokens placed after the ranked vocabulary. Training is deter
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 import tokenizers
@@ -84,8 +85,7 @@ def demo_tokenizer_json(vocab_size: int = 1024, seed: int = 0) -> str:
     return build_demo_tokenizer(vocab_size, seed).to_str(pretty=True) + "\n"
 
 
-def main(argv):
-    del argv
+def main() -> None:
     with open(flags.FLAGS.output, "w", encoding="utf-8") as f:
         f.write(demo_tokenizer_json(flags.FLAGS.vocab_size))
     print(f"wrote {flags.FLAGS.output}")
@@ -96,4 +96,6 @@ if __name__ == "__main__":
     # DEMO_TOKENIZER_PATH) never clashes with another program's flags.
     flags.DEFINE_string("output", DEMO_TOKENIZER_PATH, "Where to write tokenizer.json.")
     flags.DEFINE_integer("vocab_size", 1024, "Ranked tokens (control tokens come on top).")
-    app.run(main)
+    from qwen_jax import cli
+
+    app.run(lambda argv: sys.exit(cli.run(main, argv)))

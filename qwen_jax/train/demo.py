@@ -50,7 +50,7 @@ def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str]):
     import gin
 
     from qwen_jax import configurables
-    from qwen_jax.train import loop
+    from qwen_jax.train import loop, preemption
 
     gin.clear_config()
     cli.parse_gin(
@@ -58,7 +58,11 @@ def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str]):
         [*bindings, f"setup.RunConfig.seed = {SEED.value}", *cli.GIN_PARAM.value],
     )
     logging.info("demo phase %s -> %s", name, workdir)
-    return loop.train(os.path.join(workdir, name), configurables.train_setup())
+    result = loop.train(os.path.join(workdir, name), configurables.train_setup())
+    if preemption.requested():  # the phase saved its step; the same command goes on from there
+        logging.warning("SIGTERM: the demo stops after phase %s", name)
+        sys.exit(0)
+    return result
 
 
 def last_step_dir(result) -> str:
@@ -125,12 +129,6 @@ def figures_table(results: dict) -> str:
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
-
-
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    return cli.run(run_demo)
 
 
 def run_demo() -> None:
@@ -202,4 +200,4 @@ def _train_losses(run_dir: str) -> list[float]:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(cli.run(run_demo, argv)))
