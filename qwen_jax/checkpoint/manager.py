@@ -83,7 +83,8 @@ class TrainCheckpointer:
     def _check_writable(self) -> None:
         """Fails at once, in one line, where saves could not be written: otherwise the first
         asynchronous save would fail in a background thread, reported a step later."""
-        probe = os.path.join(self.directory, ".write-probe")
+        # One probe per process: hosts sharing a file system must not remove each other's.
+        probe = os.path.join(self.directory, f".write-probe-{jax.process_index()}")
         try:
             os.makedirs(probe, exist_ok=True)
             os.rmdir(probe)

@@ -232,7 +232,9 @@ def train(workdir: str, setup: TrainSetup) -> Result:
 def _train(workdir: str, setup: TrainSetup) -> Result:
     task, run, tokenizer = setup.task, setup.run, setup.tokenizer
     logging.info("tokenizer %s: %d ids", setup.tokenizer_path, tokenizer.vocab_size)
-    task.iterator(tokenizer, run.seed)  # fails on missing data before the workdir is touched
+    iterator = task.iterator(
+        tokenizer, run.seed
+    )  # missing data fails before the workdir is touched
     _check_run(
         workdir,
         {
@@ -246,7 +248,7 @@ def _train(workdir: str, setup: TrainSetup) -> Result:
         run_tokenizer.keep(workdir, setup.tokenizer_path)
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), setup.checkpoint)
     try:
-        task.prepare(
+        prepared = task.prepare(
             workdir,
             tokenizer,
             run.init_from,
@@ -254,7 +256,8 @@ def _train(workdir: str, setup: TrainSetup) -> Result:
                 directory, setup.runtime, mesh=setup.mesh, rules=setup.rules
             ),
         )
-        iterator = task.iterator(tokenizer, run.seed)
+        if prepared:  # the rows now carry what the preparation computed
+            iterator = task.iterator(tokenizer, run.seed)
         state, shardings, step = _restore_or_init(setup, checkpointer, iterator)
         if setup.total_steps is not None and step >= setup.total_steps:
             # A scheduler that retries until exit 0, or a kill after the final save, lands here.

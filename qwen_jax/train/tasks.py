@@ -55,9 +55,13 @@ class Task(Protocol):
     def check(self, init_from: str | None) -> None:
         """Refuses, before anything is written, a run this task cannot do from `init_from`."""
 
-    def prepare(self, workdir: str, tokenizer: Tokenizer, init_from: str | None, load_model):
+    def prepare(
+        self, workdir: str, tokenizer: Tokenizer, init_from: str | None, load_model
+    ) -> bool:
         """Work before the first step, e.g. a pass of a frozen model over the data;
-        `load_model(directory)` builds a checkpoint's model on the run's mesh."""
+        `load_model(directory)` builds a checkpoint's model on the run's mesh. True when it
+        changed what `iterator` yields (the loop then builds the iterator again)."""
+        return False
 
     def initial_frozen(self, params, load_params: Callable[[str], Any]):
         """The frozen parameters a fresh run starts with (`needs_frozen`), given the initial
@@ -302,15 +306,15 @@ class DPOTask(Task):
         if self.precompute_reference:
             self._reference_dir(init_from)
 
-    def prepare(self, workdir: str, tokenizer, init_from: str | None, load_model) -> None:
+    def prepare(self, workdir: str, tokenizer, init_from: str | None, load_model) -> bool:
         """With `precompute_reference`: reads this run's table from the workdir, or computes it
-        with the reference model and writes it there (process 0)."""
+        with the reference model and writes it there (process 0); the rows then carry it."""
         if not self.precompute_reference:
-            return
+            return False
         path = os.path.join(workdir, reference_lib.TABLE_FILE)
         if os.path.exists(path):
             self.reference_logps = reference_lib.load_table(path)
-            return
+            return True
         sources = [self.source] + ([self.eval_source] if self.eval_source is not None else [])
         table = reference_lib.compute_table(
             load_model(self._reference_dir(init_from)),
@@ -322,6 +326,7 @@ class DPOTask(Task):
         if jax.process_index() == 0:
             reference_lib.save_table(path, table)
         self.reference_logps = table
+        return True
 
     def initial_frozen(self, params, load_params):
         if not self.needs_frozen:

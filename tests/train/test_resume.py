@@ -21,24 +21,16 @@ def reference_run(tiny_pretrain_reference):
     return tiny_pretrain_reference
 
 
-def _wait_for_step(workdir, proc, step, timeout=300):
-    runs.wait_for_step(workdir, proc, step, timeout)
-
-
-def _assert_same_run(workdir, reference):
-    runs.assert_same_run(workdir, reference)
-
-
 def test_kill_9_then_resume_is_exact(data, reference_run, tmp_path):
     params = runs.TINY_PRETRAIN + runs.data_params(data) + EVERY_7
     proc = runs.start(tmp_path, GIN, params)
-    _wait_for_step(tmp_path, proc, 23)
+    runs.wait_for_step(tmp_path, proc, 23)
     proc.send_signal(signal.SIGKILL)  # no warning, no chance to save
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert max(runs.checkpoint_steps(tmp_path)) < 40
     runs.run(tmp_path, GIN, params)  # resumes from the newest complete checkpoint (stage 2)
-    _assert_same_run(tmp_path, reference_run)
+    runs.assert_same_run(tmp_path, reference_run)
 
     # A save cut short: Orbax finalizes a step by renaming its temporary directory, so an
     # interrupted save is a temporary directory. The run must resume from the previous step.
@@ -49,7 +41,7 @@ def test_kill_9_then_resume_is_exact(data, reference_run, tmp_path):
     )
     result = runs.run(tmp_path, GIN, params)
     assert "resumed from" in result.stderr and "/35" in result.stderr
-    _assert_same_run(tmp_path, reference_run)
+    runs.assert_same_run(tmp_path, reference_run)
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(data, tmp_path):
@@ -59,7 +51,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(data, tmp_path):
         + ["manager.CheckpointConfig.every_steps = 1000"]
     )
     proc = runs.start(tmp_path, GIN, params)
-    _wait_for_step(tmp_path, proc, 3)
+    runs.wait_for_step(tmp_path, proc, 3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     last_logged = max(runs.train_records(tmp_path))
