@@ -225,6 +225,9 @@ def compile_report(
         "compiled_over_model_flops": compiled_flops / model_flops if model_flops else math.nan,
         "compiled_flops_note": "XLA cost_analysis x chips; it counts each while-loop body (the "
         "layer scan, the loss-chunk scan) once, so it is a lower bound",
+        # Pallas kernels (ours, splash) in the step, which Mosaic compiled with it. Counted in the
+        # lowered program: the compiled one's text fails to print on v5p (an XLA RET_CHECK).
+        "mosaic_kernels": lowered.as_text().count("@tpu_custom_call"),
         "lower_seconds": round(lower_seconds, 1),
         "compile_seconds": round(compile_seconds, 1),
     }

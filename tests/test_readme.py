@@ -56,12 +56,14 @@ def test_aot_compile_for_a_tpu_slice():
         readme.REPO_ROOT,
         "--gin_file=configs/models/qwen2_5_0_5b.gin",
         "--gin_param=config.QwenConfig.num_hidden_layers=2",
+        "--gin_param=Runtime.attention_impl='pallas'",
         "--topology=v5e-8",
         "--seq_len=512",
         "--global_batch=8",
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["num_devices"] == 8 and report["fits"]
+    assert report["attention_impl"] == "pallas" and report["mosaic_kernels"] >= 3
 
 
 @pytest.fixture(scope="module")

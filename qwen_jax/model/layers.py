@@ -31,6 +31,8 @@ class Runtime:
     attention_impl: a name in `qwen_jax.kernels.registry`.
     attention_block_size: queries per block for implementations that block them
       (`sequence_sharded`); 0: one block.
+    flash_block_sizes: (queries, keys) per block, or (queries, keys, scoped VMEM bytes), for the
+      Pallas kernels (`pallas`, `splash`); empty: the table for the TPU generation.
     """
 
     dtype: str = "float32"
@@ -38,6 +40,7 @@ class Runtime:
     remat_policy: str = "none"
     attention_impl: str = "xla"
     attention_block_size: int = 2048
+    flash_block_sizes: tuple[int, ...] = ()
 
     def __post_init__(self):
         kernels.check(self.attention_impl)
@@ -124,6 +127,7 @@ class Qwen2Attention(nnx.Module):
             mesh=mesh,
             rules=rules,
             block_size=self.runtime.attention_block_size,
+            flash_block_sizes=self.runtime.flash_block_sizes,
         )
         out = attention(
             q,

@@ -43,4 +43,4 @@ def test_importing_the_model_registers_every_implementation():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["sequence_sharded", "xla"]
+    assert result.stdout.split() == ["pallas", "sequence_sharded", "splash", "xla"]

@@ -35,6 +35,24 @@ def test_preset_compiles_for_slice(preset, topology, chips):
     # fp32 master weights + Adam moments, sharded over all chips, are among the arguments.
     assert report["argument_bytes"] >= 12 * report["parameters"] / chips
     assert report["compiled_flops_per_step"] > 0 and report["model_flops_per_step"] > 0
+    assert report["mosaic_kernels"] == 0  # XLA attention: no Pallas kernel
+
+
+@pytest.mark.parametrize("topology", ["v5e-8", "v5p-8"])
+def test_pallas_attention_compiles_inside_the_train_step(topology):
+    """Our kernel's forward, dq and dk/dv, compiled by Mosaic for the generation's block table."""
+    gin.clear_config()
+    try:
+        aot.parse_gin(
+            [str(fx.REPO_ROOT / "configs" / "models" / "qwen2_5_0_5b.gin")],
+            ["layers.Runtime.attention_impl = 'pallas'"],
+        )
+        report = aot.report_from_gin(topology=topology, seq_len=1024, global_batch=8)
+    finally:
+        gin.clear_config()
+    assert report["fits"] and report["attention_impl"] == "pallas"
+    # Forward (and its rematerialization) and the two backward kernels, in the layer scan.
+    assert report["mosaic_kernels"] >= 3, report["mosaic_kernels"]
 
 
 def test_topology_names():

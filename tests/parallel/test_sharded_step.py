@@ -46,6 +46,9 @@ MESHES = {
     "fsdp4_tensor2": (dict(fsdp=4, tensor=2), "xla"),
     "data2_fsdp2_tensor2": (dict(data=2, fsdp=2, tensor=2), "xla"),
     "fsdp4_sequence2": (dict(fsdp=4, sequence=2), "sequence_sharded"),
+    # Our Pallas kernel (interpret mode) per shard, K/V gathered over the sequence axis.
+    "fsdp2_tensor2_sequence2_pallas": (dict(fsdp=2, tensor=2, sequence=2), "pallas"),
+    "fsdp4_tensor2_splash": (dict(fsdp=4, tensor=2), "splash"),
 }
 
 
