@@ -7,8 +7,10 @@ The output (config.json, generation_config.json, model-*-of-*.safetensors and th
 the tokenizer files) loads with transformers' `AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained`. The tokenizer is the one that travels with the checkpoint (see
 `qwen_jax.checkpoint.model_io.tokenizer_dir`) unless --tokenizer_dir names another. It is staged
-in a temporary directory and renamed into place when complete. Export runs as one process; with
-mesh gin files the parameters are spread over its local devices and gathered one layer at a time.
+in a temporary directory and renamed into place when complete. With mesh gin files the parameters
+are spread over the devices and gathered one layer at a time; in a multi-process run (the
+`qwen_jax.launch.distributed` flags) every process takes part in the gathers and process 0
+writes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from absl import app, flags, logging
 
 from qwen_jax import cli
+from qwen_jax.launch import distributed
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint", None, "model checkpoint or step directory")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "HF checkpoint to create (must not exist)")
@@ -32,11 +35,19 @@ flags.mark_flags_as_required(["checkpoint", "output_dir"])
 
 
 def export() -> None:
+    distributed.initialize_from_flags()
+    import jax
+
     from qwen_jax.checkpoint import model_io
     from qwen_jax.convert import hf
     from qwen_jax.model.layers import Runtime
 
     mesh, rules = cli.mesh_from_flags()
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(
+            "a multi-process export spreads the parameters over every process's devices: give "
+            "a mesh, e.g. --gin_file=configs/mesh/fsdp.gin"
+        )
     # Restored in float32 whatever was stored: the cast to --dtype happens once, on write.
     model = model_io.load_model(
         _CHECKPOINT_DIR.value, Runtime(param_dtype="float32"), mesh=mesh, rules=rules

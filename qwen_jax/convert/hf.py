@@ -344,13 +344,22 @@ def hf_tensors(
         for i in layers:
 
             def thunk(array=array, i=i, kind=rule.kind):
-                host = np.asarray(jax.device_get(array if i is None else array[i]))
+                host = _to_host(array if i is None else array[i])
                 host = _to_hf(kind, host)
                 return np.ascontiguousarray(
                     host.astype(_numpy_dtype(dtype) if dtype else host.dtype)
                 )
 
             yield rule.hf_name.format(i=i), thunk
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole tensor on this host; across processes a collective every process must join."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 QWEN_STOP_IDS = (151_645, 151_643)  # <|im_end|>, <|endoftext|>
@@ -381,12 +390,27 @@ def save_model(
     complete, so an interrupted export never leaves a half-written checkpoint behind.
     """
     directory = os.path.abspath(os.fspath(directory))
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "save_model gathers parameters on one host; run the export as a single process"
-        )
     if os.path.exists(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory}: exists and is not empty; refusing to overwrite")
+    if jax.process_index() != 0:
+        # Other processes of a multi-process run take part in each tensor's gather; process 0
+        # writes.
+        for _, thunk in hf_tensors(model, dtype):
+            thunk()
+        _sync("save_model")
+        return
+    _write(model, directory, dtype, max_shard_bytes, generation_config, tokenizer_dir)
+    _sync("save_model")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _write(model, directory, dtype, max_shard_bytes, generation_config, tokenizer_dir) -> None:
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)

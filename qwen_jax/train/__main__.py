@@ -21,23 +21,16 @@ preemption.install()  # first thing: from start-up to exit a SIGTERM never cuts 
 from absl import app, flags, logging  # noqa: E402
 
 from qwen_jax import cli  # noqa: E402
+from qwen_jax.launch import distributed  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and TensorBoard events")
-MULTIHOST = flags.DEFINE_bool(
-    "multihost",
-    False,
-    "join the other hosts of a TPU slice or GPU cluster (jax.distributed); "
-    "the coordinator, process count and index come from the TPU metadata or Slurm",
-)
 flags.mark_flag_as_required("workdir")
 
 
 def train() -> None:
     import gin
-    import jax
 
-    if MULTIHOST.value:
-        jax.distributed.initialize()
+    distributed.initialize_from_flags()
     from qwen_jax import configurables
     from qwen_jax.train import loop
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from qwen_jax.checkpoint import model_io
 from qwen_jax.checkpoint.manager import CheckpointError, TrainCheckpointer
+from qwen_jax.data.shards import ShardedIterator
 from qwen_jax.model.config import model_flops_per_token
 from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
 from qwen_jax.parallel import mesh as mesh_lib
@@ -96,6 +97,16 @@ def _to_device(batch: dict, shardings: dict) -> dict:
     }
 
 
+def _global_shapes(batch: dict) -> dict:
+    """Each process holds an equal share of the rows of the global batch."""
+    return {
+        k: jax.ShapeDtypeStruct(
+            (len(v) * jax.process_count(), *np.shape(v)[1:]), np.asarray(v).dtype
+        )
+        for k, v in batch.items()
+    }
+
+
 class _StepBuilder:
     """Compiles the train step once per architecture (stage) and batch shape."""
 
@@ -110,7 +121,9 @@ class _StepBuilder:
             setup = self.setup
             self.config = setup.task.model_config(setup.model_config, stage)
             self.graphdef, _ = abstract_model(self.config, setup.runtime)
-            self.batch_shardings = mesh_lib.batch_shardings(setup.mesh, setup.rules, batch)
+            self.batch_shardings = mesh_lib.batch_shardings(
+                setup.mesh, setup.rules, _global_shapes(batch)
+            )
             self.train_step = make_train_step(
                 self.graphdef,
                 setup.task.loss_fn,
@@ -184,7 +197,7 @@ def _restore_or_init(setup: TrainSetup, checkpointer: TrainCheckpointer, iterato
     """(state, shardings, step): the newest checkpoint that restores, or the initial weights at
     step 0 (the initial checkpoint's, else random) with the task's initial frozen parameters."""
     task, run = setup.task, setup.run
-    config = task.model_config(setup.model_config, task.stage(iterator))
+    config = task.model_config(setup.model_config, task.stage(iterator.first))
     state, _, shardings = create_train_state(
         lambda: Qwen2ForCausalLM(config, setup.runtime, rngs=nnx.Rngs(run.seed)),
         setup.optimizer,
@@ -229,12 +242,21 @@ def train(workdir: str, setup: TrainSetup) -> Result:
         return _train(os.path.abspath(workdir), setup)
 
 
+def _data(setup: TrainSetup) -> ShardedIterator:
+    """This process's shards of the run's training batches (`qwen_jax.data.shards`)."""
+    task, run = setup.task, setup.run
+    return ShardedIterator(
+        lambda shard, count: task.iterator(
+            setup.tokenizer, run.seed, shard_index=shard, shard_count=count
+        ),
+        run.data_shards or jax.process_count(),
+    )
+
+
 def _train(workdir: str, setup: TrainSetup) -> Result:
     task, run, tokenizer = setup.task, setup.run, setup.tokenizer
     logging.info("tokenizer %s: %d ids", setup.tokenizer_path, tokenizer.vocab_size)
-    iterator = task.iterator(
-        tokenizer, run.seed
-    )  # missing data fails before the workdir is touched
+    iterator = _data(setup)  # missing data fails before the workdir is touched
     _check_run(
         workdir,
         {
@@ -257,7 +279,7 @@ def _train(workdir: str, setup: TrainSetup) -> Result:
             ),
         )
         if prepared:  # the rows now carry what the preparation computed
-            iterator = task.iterator(tokenizer, run.seed)
+            iterator = _data(setup)
         state, shardings, step = _restore_or_init(setup, checkpointer, iterator)
         if setup.total_steps is not None and step >= setup.total_steps:
             # A scheduler that retries until exit 0, or a kill after the final save, lands here.
@@ -284,7 +306,7 @@ class _Steps:
         state, run = self.state, self.setup.run
         meta = {
             "step": step,
-            "stage": self.setup.task.stage(self.iterator),
+            "stage": self.setup.task.stage(self.iterator.first),
             "seed": run.seed,
             "state_step": int(state.step),
             "skipped": int(state.skipped),
@@ -348,7 +370,7 @@ class _Steps:
 
     def run(self, step: int) -> Result:
         setup, run, task = self.setup, self.setup.run, self.setup.task
-        total_steps, stage = setup.total_steps, task.stage(self.iterator)
+        total_steps, stage = setup.total_steps, task.stage(self.iterator.first)
         first_step, preempted = step, False
         try:
             while total_steps is None or step < total_steps:
@@ -379,7 +401,7 @@ class _Steps:
                         f"non-finite loss or gradients at step {step}; stopping "
                         f"(newest checkpoint: {self.checkpointer.latest_step()})"
                     )
-                next_stage = task.stage(self.iterator)
+                next_stage = task.stage(self.iterator.first)
                 if step % run.log_every == 0 or step == total_steps or next_stage != stage:
                     self.log(step, stage, step_metrics, batch)
                 if run.eval_every and step % run.eval_every == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import optax
 from jax.sharding import Mesh
 
@@ -49,6 +50,9 @@ class RunConfig:
     microbatches: int = 1  # gradient accumulation
     # 'skip': drop a non-finite update and count it; 'stop': stop, the last checkpoint is good.
     nan_policy: str = "skip"
+    # Data shards (`qwen_jax.data.shards`); None: one per process. Batches are the same for every
+    # process count that divides it, and a checkpoint restores onto any such count.
+    data_shards: int | None = None
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
@@ -104,6 +108,20 @@ def model_config(preset: QwenConfig | None, init_from: str | None) -> QwenConfig
     return loaded
 
 
+def _check_processes(task) -> None:
+    """Evaluation passes and DPO's reference pass still feed host-local batches to programs that
+    take global ones; across processes they would compute on mixed data, so they are refused."""
+    if jax.process_count() == 1:
+        return
+    if task.kind == "dpo":
+        raise ValueError("DPO does not run on several processes yet: run it as one process")
+    if task.eval_source is not None:
+        raise ValueError(
+            f"evaluation does not run on several processes yet: set "
+            f"tasks.{type(task).__name__}.eval_source = None (evaluate the exported model)"
+        )
+
+
 def resolve(
     run: RunConfig,
     *,
@@ -119,6 +137,7 @@ def resolve(
     config = model_config(preset, run.init_from)
     run_tokenizer.check(tokenizer, tokenizer_path, config, run.init_from)
     run.task.check(run.init_from)
+    _check_processes(run.task)
     return TrainSetup(
         run, config, runtime, mesh, rules, optimizer, schedule, tokenizer, tokenizer_path
     )

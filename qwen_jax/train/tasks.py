@@ -41,9 +41,12 @@ class Task(Protocol):
     needs_frozen: bool = False
     eval_source: Any = None  # the held-out data `evaluate` reads; None: no evaluation
 
-    def iterator(self, tokenizer: Tokenizer, seed: int) -> Iterator[dict]:
-        """The resumable training batches: a `qwen_jax.data.pipeline` iterator (Grain
-        `get_state`/`set_state`, and `bad_records`, the tallies of the records it read)."""
+    def iterator(
+        self, tokenizer: Tokenizer, seed: int, *, shard_index: int, shard_count: int
+    ) -> Iterator[dict]:
+        """The resumable training batches of one data shard (its rows of each global batch): a
+        `qwen_jax.data.pipeline` iterator (Grain `get_state`/`set_state`, and `bad_records`, the
+        tallies of the records it read)."""
         ...
 
     def evaluate(
@@ -126,12 +129,14 @@ class PretrainTask(Task):
         steps = [s.steps for s in self.stages]
         return None if None in steps else sum(steps)
 
-    def iterator(self, tokenizer, seed: int):
+    def iterator(self, tokenizer, seed: int, *, shard_index: int, shard_count: int):
         return pipeline.pretrain_iterator(
             self.sources,
             self.stages,
             tokenizer,
             seed=seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
             packing=self.packing,
             worker_count=self.worker_count,
         )
@@ -200,12 +205,14 @@ class SFTTask(Task):
             **reading,
         )
 
-    def iterator(self, tokenizer, seed: int):
+    def iterator(self, tokenizer, seed: int, *, shard_index: int, shard_count: int):
         return self._batches(
             self.sources,
             tokenizer,
             self.batch_size,
             seed=seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
             num_epochs=self.num_epochs,
             worker_count=self.worker_count,
         )
@@ -344,12 +351,14 @@ class DPOTask(Task):
             **kwargs,
         )
 
-    def iterator(self, tokenizer, seed: int):
+    def iterator(self, tokenizer, seed: int, *, shard_index: int, shard_count: int):
         return self._pairs(
             self.source,
             tokenizer,
             batch_size=self.batch_size,
             seed=seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
             num_epochs=self.num_epochs,
             worker_count=self.worker_count,
         )
