@@ -149,7 +149,13 @@ class _StepBuilder:
         def run(params, frozen, batch):
             return loss_fn(nnx.merge(graphdef, params), batch, frozen)
 
-        return lambda batch: run(params, frozen, batch)
+        def step(batch):
+            shardings = mesh_lib.batch_shardings(
+                self.setup.mesh, self.setup.rules, _global_shapes(batch)
+            )
+            return run(params, frozen, _to_device(batch, shardings))
+
+        return step
 
     def model(self, params):
         return nnx.merge(self.graphdef, jax.tree.map(jnp.asarray, params))

@@ -109,16 +109,17 @@ def model_config(preset: QwenConfig | None, init_from: str | None) -> QwenConfig
 
 
 def _check_processes(task) -> None:
-    """Evaluation passes and DPO's reference pass still feed host-local batches to programs that
-    take global ones; across processes they would compute on mixed data, so they are refused."""
+    """SFT's exact-match generation and DPO's reference pass and evaluation still run on
+    host-local data with global programs; across processes they would mix data, so they are
+    refused. (Evaluation losses run on global batches everywhere.)"""
     if jax.process_count() == 1:
         return
     if task.kind == "dpo":
         raise ValueError("DPO does not run on several processes yet: run it as one process")
-    if task.eval_source is not None:
+    if task.kind == "sft" and task.eval_source is not None:
         raise ValueError(
-            f"evaluation does not run on several processes yet: set "
-            f"tasks.{type(task).__name__}.eval_source = None (evaluate the exported model)"
+            "SFT evaluation (exact-match generation) does not run on several processes yet: set "
+            "tasks.SFTTask.eval_source = None (evaluate the exported model)"
         )
 
 

@@ -84,10 +84,30 @@ class Task(Protocol):
         return metrics
 
 
+def _same_count(batches):
+    """This process's eval batches, padded with empty ones (zero weight) to the most any process
+    has: every process must run the (global) eval step equally often."""
+    if jax.process_count() == 1:
+        yield from batches
+        return
+    from jax.experimental import multihost_utils
+
+    local = list(batches)
+    counts = multihost_utils.process_allgather(np.array([len(local)]))
+    if counts.min() == 0:
+        raise ValueError(
+            f"the eval split gives {counts.reshape(-1).tolist()} batches to the processes; each "
+            f"needs one: use a larger eval source or a smaller eval batch size"
+        )
+    empty = {k: np.zeros_like(v) for k, v in local[-1].items()}
+    yield from local + [empty] * (int(counts.max()) - len(local))
+
+
 def eval_pass(eval_step, batches, pair_metrics: Sequence[str] = ()) -> dict:
-    """Loss (and per-pair metrics) over all batches, each normalized by the total weight."""
+    """Loss (and per-pair metrics) over all batches, each normalized by the total weight; the
+    step's sums are over the global batch, so across processes every process gets the totals."""
     totals: dict[str, float] = {}
-    for batch in batches:
+    for batch in _same_count(batches):
         loss_sum, aux = jax.device_get(eval_step(batch))
         totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
         for key in ("weight", *pair_metrics):
