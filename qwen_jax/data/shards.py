@@ -1,12 +1,13 @@
 """The training batches of a run split into a fixed number of data shards, each process reading
 the shards it owns.
 
-A run's data is `count` shards (by default as many as processes at the run's start): shard s
-reads the s-th part of every source and yields batch_size / count rows per step; a step's global
-batch is the shards' rows in shard order, whichever process holds them. So the batches do not
-depend on how many processes read them, and a checkpoint keeps one iterator state per shard:
-a restart onto any process count that divides `count` re-shards deterministically (each process
-takes its shards' states); any other count is refused, naming the counts that work.
+A run's data is `count` shards (`setup.RunConfig.data_shards`, by default one per process):
+shard s reads the s-th part of every source and yields batch_size / count rows per step; a
+step's global batch is the shards' rows in shard order, whichever process holds them. So the
+batches do not depend on how many processes read them, and a checkpoint keeps one iterator state
+per shard: a restart onto any process count that divides `count` re-shards deterministically
+(each process takes its shards' states); a restart with another shard count is refused with one
+line naming the setting that restores it.
 
 Saving gathers every shard's state to every process (one small JSON per shard), so the
 checkpoint's data item, written by the primary process, holds them all.
