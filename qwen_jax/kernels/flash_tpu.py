@@ -54,9 +54,10 @@ class BlockSizes:
 
 
 _MIB = 1 << 20
-# Per TPU generation: blocks with which a group of 8 query heads at head_dim 128 compiles (libtpu
-# AOT, tests/kernels/test_flash_tpu_aot.py); 512-query blocks need more than the 16 MiB default
-# scoped VMEM. Not yet tuned on hardware; `Runtime.flash_block_sizes` overrides.
+# Per TPU generation: blocks with which a group of 8 query heads at head_dim 128 compiles with
+# libtpu ahead of time (tests/parallel/test_aot.py compiles the 0.5B step on v5e and v5p);
+# 512-query blocks need more than the 16 MiB default scoped VMEM. Not yet tuned on hardware;
+# `Runtime.flash_block_sizes` overrides.
 GENERATION_BLOCKS = {
     "v4": BlockSizes(256, 512),
     "v5e": BlockSizes(256, 512),
