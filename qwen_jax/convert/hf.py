@@ -29,6 +29,7 @@ from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
+from qwen_jax.parallel import host_data
 from qwen_jax.parallel import mesh as mesh_lib
 from qwen_jax.parallel.logical import LogicalRules
 
@@ -344,22 +345,13 @@ def hf_tensors(
         for i in layers:
 
             def thunk(array=array, i=i, kind=rule.kind):
-                host = _to_host(array if i is None else array[i])
+                host = host_data.to_host(array if i is None else array[i])
                 host = _to_hf(kind, host)
                 return np.ascontiguousarray(
                     host.astype(_numpy_dtype(dtype) if dtype else host.dtype)
                 )
 
             yield rule.hf_name.format(i=i), thunk
-
-
-def _to_host(array: jax.Array) -> np.ndarray:
-    """The whole tensor on this host; across processes a collective every process must join."""
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 QWEN_STOP_IDS = (151_645, 151_643)  # <|im_end|>, <|endoftext|>

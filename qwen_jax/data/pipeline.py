@@ -125,9 +125,12 @@ def document_dataset(
 
             ds = seqio_source.SeqioDataset(source, **reading)
         else:
-            records = sources_lib.RecordSource(source, documents.columns(source, kind))
-            documents.check_format(source, kind, records.first_records())
-            ds = sources_lib.record_dataset(records, **reading)
+            ds = sources_lib.record_dataset(
+                source,
+                columns=documents.columns(source, kind),
+                check=functools.partial(documents.check_format, source, kind),
+                **reading,
+            )
             # Grain's read prefetch costs O(buffer) per element; a short buffer hides local-disk
             # latency without that overhead (raise read_threads for remote file systems).
             ds = ds.to_iter_dataset(

@@ -11,6 +11,12 @@ line naming the setting that restores it.
 
 Saving gathers every shard's state to every process (one small JSON per shard), so the
 checkpoint's data item, written by the primary process, holds them all.
+
+Data that ends (epochs) ends for the run when it ends for any shard: shards hold different
+documents, so one may run out a step before another, and a process that stopped stepping would
+leave the others blocked in the step's collectives. With `agree_on_end` every step's batch is
+confirmed by a one-flag all-gather across processes; the shards' rows of the step in which one
+ran out are dropped.
 """
 
 from __future__ import annotations
@@ -38,30 +44,17 @@ def owned(count: int, process_index: int, process_count: int) -> list[int]:
     return list(range(process_index * per_process, (process_index + 1) * per_process))
 
 
-class _Tallies:
-    """The bad-record counts of this process's shards, summed."""
-
-    def __init__(self, trackers):
-        self._trackers = [t for t in trackers if t is not None]
-
-    def scalars(self) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for tracker in self._trackers:
-            for name, value in tracker.scalars().items():
-                total[name] = total.get(name, 0.0) + value
-        return total
-
-
 class ShardedIterator(grain.DatasetIterator):
     """This process's shards' iterators (`build(shard_index, shard_count)`) as one iterator of
     its rows of the global batch."""
 
-    def __init__(self, build: Callable[[int, int], Any], count: int):
+    def __init__(self, build: Callable[[int, int], Any], count: int, *, agree_on_end: bool):
         super().__init__()
         self.count = count
+        self.agree_on_end = agree_on_end and jax.process_count() > 1
         self.shards = owned(count, jax.process_index(), jax.process_count())
         self.iterators = [build(shard, count) for shard in self.shards]
-        self.bad_records = _Tallies(getattr(it, "bad_records", None) for it in self.iterators)
+        self._trackers = [it.bad_records for it in self.iterators if it.bad_records is not None]
 
     @property
     def first(self):
@@ -69,7 +62,19 @@ class ShardedIterator(grain.DatasetIterator):
         return self.iterators[0]
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batches = [next(iterator) for iterator in self.iterators]
+        batches = []
+        for iterator in self.iterators:
+            try:
+                batches.append(next(iterator))
+            except StopIteration:
+                break
+        ended = len(batches) < len(self.iterators)
+        if self.agree_on_end:
+            from jax.experimental import multihost_utils
+
+            ended = bool(multihost_utils.process_allgather(np.array([ended])).any())
+        if ended:
+            raise StopIteration
         if len(batches) == 1:
             return batches[0]
         return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
@@ -78,6 +83,16 @@ class ShardedIterator(grain.DatasetIterator):
         """Every shard's state; a collective when there are several processes."""
         local = {str(s): it.get_state() for s, it in zip(self.shards, self.iterators)}
         return {"data_shards": self.count, "shards": _gather(local)}
+
+    def bad_record_totals(self) -> dict[str, float]:
+        """The bad-record tallies of all shards, summed; a collective with several processes."""
+        local = [tracker.scalars() for tracker in self._trackers]
+        everyone = _gather({f"{jax.process_index()}/{i}": t for i, t in enumerate(local)})
+        total: dict[str, float] = {}
+        for scalars in everyone.values():
+            for name, value in scalars.items():
+                total[name] = total.get(name, 0.0) + value
+        return total
 
     def set_state(self, state: dict[str, Any]) -> None:
         saved = state.get("data_shards")

@@ -1,8 +1,11 @@
 """Random-access readers for JSONL (plain, gzip, zstd), Parquet and ArrayRecord files.
 
-Every format is exposed as one Grain `RandomAccessDataSource` over all files matched by a
-source's globs, so that host sharding, global shuffling, epochs and checkpointing are Grain's own
-index arithmetic and identical for every format. Each element is a raw record tagged with its
+Every format is exposed as one Grain `RandomAccessDataSource` over the files matched by a
+source's globs, so that shuffling, epochs and checkpointing are Grain's own index arithmetic and
+identical for every format. A data shard reads whole files when the source has at least as many
+files as there are shards (contiguous runs of files, as Hugging Face datasets' node split does),
+so each host opens and indexes only its own files; with fewer files, every shard indexes all of
+them and reads a contiguous slice of their records. Each element is a raw record tagged with its
 source name and location (`file:line`); parsing happens later so that bad records can be
 counted rather than crash a reader thread.
 """
@@ -16,7 +19,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -177,10 +180,12 @@ class RecordSource(grain.sources.RandomAccessDataSource):
     """All records of one source, file after file: element i is
     `{"source": name, "loc": "file:line", "value": raw record}`."""
 
-    def __init__(self, source: Source, columns: Sequence[str] = ()):
+    def __init__(
+        self, source: Source, columns: Sequence[str] = (), paths: Sequence[str] | None = None
+    ):
         self.source = source
         self.name = source.name
-        paths = resolve_paths(source)
+        paths = resolve_paths(source) if paths is None else paths
         if source.format == "jsonl":
             self._files = [JsonlFile(p) for p in paths]
         elif source.format == "parquet":
@@ -257,7 +262,7 @@ def host_slice(length: int, shard_index: int, shard_count: int) -> slice:
 
 
 def record_dataset(
-    source: Source | RecordSource,
+    source: Source,
     *,
     shard_index: int,
     shard_count: int,
@@ -265,13 +270,20 @@ def record_dataset(
     num_epochs: int | None,
     shuffle: bool = True,
     columns: Sequence[str] = (),
+    check: Callable[[list[tuple[str, Any]]], None] | None = None,
 ) -> grain.MapDataset:
-    """This host's records of `source`, shuffled per epoch, repeated `num_epochs` times (None:
-    forever)."""
-    records = source if isinstance(source, RecordSource) else RecordSource(source, columns)
-    source = records.source
+    """The shard's records of `source`, shuffled per epoch, repeated `num_epochs` times (None:
+    forever). `check` sees the first record of each file the shard reads, before any is read."""
+    paths = resolve_paths(source)
+    whole_files = len(paths) >= shard_count
+    if whole_files:
+        paths = paths[host_slice(len(paths), shard_index, shard_count)]
+    records = RecordSource(source, columns, paths)
+    if check is not None:
+        check(records.first_records())
     ds = grain.MapDataset.source(records)
-    ds = ds[host_slice(len(ds), shard_index, shard_count)]
+    if not whole_files:
+        ds = ds[host_slice(len(ds), shard_index, shard_count)]
     if len(ds) == 0:
         raise ValueError(
             f"Source {source.name!r} has no records for shard {shard_index} of {shard_count}"

@@ -21,6 +21,7 @@ from qwen_jax.data.chat import prompt_messages, render_chat
 from qwen_jax.data.examples import pad_row, response_example
 from qwen_jax.data.tokenizer import Tokenizer
 from qwen_jax.model.generate import generate
+from qwen_jax.parallel import host_data
 
 
 def _left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,23 +34,43 @@ def _left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
+def _batch(placement: host_data.Placement | None, full: dict[str, np.ndarray]) -> dict:
+    """`full` (rows every process holds) as the program's input: as they are in one process
+    (`placement` None), else a global batch of which each process feeds its devices' rows, padded
+    to a size the batch axes divide with copies of the last row (whose results are dropped)."""
+    if placement is None:
+        return full
+    count = len(next(iter(full.values())))
+    take = np.minimum(np.arange(placement.padded_size(count)), count - 1)
+    padded = {k: v[take] for k, v in full.items()}
+    return placement.from_everyone(
+        len(take), lambda start, stop: {k: v[start:stop] for k, v in padded.items()},
+        split_length=False,
+    )  # fmt: skip
+
+
 def greedy_answers(
     model,
     tokenizer: Tokenizer,
     prompt_rows: Sequence[np.ndarray],
     *,
+    placement: host_data.Placement | None = None,
     max_new_tokens: int = 16,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy completions of token-id prompts (ending in `<|im_start|>assistant\\n`)."""
+    """Greedy completions of token-id prompts (ending in `<|im_start|>assistant\\n`), split
+    over the processes' devices by `placement` (None: one process)."""
     stops = (tokenizer.im_end_id, tokenizer.eos_id)
     answers = []
     for start in range(0, len(prompt_rows), batch_size):
-        ids, mask = _left_pad(prompt_rows[start : start + batch_size], tokenizer.pad_id)
+        rows = prompt_rows[start : start + batch_size]
+        ids, mask = _left_pad(rows, tokenizer.pad_id)
+        batch = _batch(placement, {"ids": ids, "mask": mask})
         tokens, lengths = generate(
-            model, ids, mask, max_new_tokens=max_new_tokens, stop_tokens=stops
+            model, batch["ids"], batch["mask"], max_new_tokens=max_new_tokens, stop_tokens=stops
         )
-        for row, n in zip(np.asarray(tokens), np.asarray(lengths)):
+        tokens, lengths = host_data.to_host(tokens), host_data.to_host(lengths)
+        for row, n in zip(tokens[: len(rows)], lengths[: len(rows)]):
             answers.append(tokenizer.decode([t for t in row[:n] if t not in stops]).strip())
     return answers
 
@@ -64,13 +85,19 @@ def _summed_logprobs(model, batch):
 
 
 def response_logprobs(
-    model, tokenizer: Tokenizer, prompt_rows: Sequence[np.ndarray], responses: Sequence[str]
+    model,
+    tokenizer: Tokenizer,
+    prompt_rows: Sequence[np.ndarray],
+    responses: Sequence[str],
+    *,
+    placement: host_data.Placement | None = None,
 ) -> np.ndarray:
     """Summed log-prob of each response (with its closing `<|im_end|>`) after its prompt."""
     rows = [response_example(tokenizer, p, r) for p, r in zip(prompt_rows, responses)]
     width = max(len(r["inputs"]) for r in rows)
     rows = [pad_row(r, width, tokenizer.pad_id) for r in rows]
-    return np.asarray(_summed_logprobs(model, {k: np.stack([r[k] for r in rows]) for k in rows[0]}))
+    batch = _batch(placement, {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return host_data.to_host(_summed_logprobs(model, batch))[: len(rows)]
 
 
 def preference_figures(
@@ -79,6 +106,7 @@ def preference_figures(
     pairs: Sequence[dict],
     *,
     system_prompt: str | None,
+    placement: host_data.Placement | None = None,
     max_new_tokens: int = 16,
 ) -> dict:
     """{'preference_accuracy', 'greedy_chosen_rate'} over `pairs` of {prompt, chosen, rejected}
@@ -92,9 +120,15 @@ def preference_figures(
         )[0]
         for p in pairs
     ]
-    chosen = response_logprobs(model, tokenizer, prompt_rows, [p["chosen"] for p in pairs])
-    rejected = response_logprobs(model, tokenizer, prompt_rows, [p["rejected"] for p in pairs])
-    got = greedy_answers(model, tokenizer, prompt_rows, max_new_tokens=max_new_tokens)
+    chosen, rejected = (
+        response_logprobs(
+            model, tokenizer, prompt_rows, [p[side] for p in pairs], placement=placement
+        )
+        for side in ("chosen", "rejected")
+    )
+    got = greedy_answers(
+        model, tokenizer, prompt_rows, placement=placement, max_new_tokens=max_new_tokens
+    )
     return {
         "preference_accuracy": float(np.mean(chosen > rejected)),
         "greedy_chosen_rate": float(

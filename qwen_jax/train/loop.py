@@ -31,7 +31,7 @@ from qwen_jax.checkpoint.manager import CheckpointError, TrainCheckpointer
 from qwen_jax.data.shards import ShardedIterator
 from qwen_jax.model.config import model_flops_per_token
 from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
-from qwen_jax.parallel import mesh as mesh_lib
+from qwen_jax.parallel import host_data
 from qwen_jax.train import metrics as metrics_lib
 from qwen_jax.train import run_tokenizer
 from qwen_jax.train import preemption
@@ -89,29 +89,12 @@ def _check_run(workdir: str, identity: dict, info: dict) -> None:
             json.dump({**identity, **info}, f, indent=1)
 
 
-def _to_device(batch: dict, shardings: dict) -> dict:
-    """Host-local numpy rows -> global arrays sharded over the batch axes (multi-host safe)."""
-    return {
-        k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-        for k, v in batch.items()
-    }
-
-
-def _global_shapes(batch: dict) -> dict:
-    """Each process holds an equal share of the rows of the global batch."""
-    return {
-        k: jax.ShapeDtypeStruct(
-            (len(v) * jax.process_count(), *np.shape(v)[1:]), np.asarray(v).dtype
-        )
-        for k, v in batch.items()
-    }
-
-
 class _StepBuilder:
     """Compiles the train step once per architecture (stage) and batch shape."""
 
     def __init__(self, setup: TrainSetup, state_shardings: TrainState):
         self.setup, self.state_shardings = setup, state_shardings
+        self.placement = host_data.Placement(setup.mesh, setup.rules)
         self._key = None
         self.config = self.graphdef = self.train_step = self.batch_shardings = None
 
@@ -121,9 +104,7 @@ class _StepBuilder:
             setup = self.setup
             self.config = setup.task.model_config(setup.model_config, stage)
             self.graphdef, _ = abstract_model(self.config, setup.runtime)
-            self.batch_shardings = mesh_lib.batch_shardings(
-                setup.mesh, setup.rules, _global_shapes(batch)
-            )
+            self.batch_shardings = self.placement.shardings(host_data.global_shapes(batch))
             self.train_step = make_train_step(
                 self.graphdef,
                 setup.task.loss_fn,
@@ -150,10 +131,7 @@ class _StepBuilder:
             return loss_fn(nnx.merge(graphdef, params), batch, frozen)
 
         def step(batch):
-            shardings = mesh_lib.batch_shardings(
-                self.setup.mesh, self.setup.rules, _global_shapes(batch)
-            )
-            return run(params, frozen, _to_device(batch, shardings))
+            return run(params, frozen, self.placement.from_local(batch))
 
         return step
 
@@ -256,6 +234,7 @@ def _data(setup: TrainSetup) -> ShardedIterator:
             setup.tokenizer, run.seed, shard_index=shard, shard_count=count
         ),
         run.data_shards or jax.process_count(),
+        agree_on_end=task.finite_data,
     )
 
 
@@ -283,6 +262,7 @@ def _train(workdir: str, setup: TrainSetup) -> Result:
             lambda directory: model_io.load_model(
                 directory, setup.runtime, mesh=setup.mesh, rules=setup.rules
             ),
+            host_data.Placement(setup.mesh, setup.rules),
         )
         if prepared:  # the rows now carry what the preparation computed
             iterator = _data(setup)
@@ -337,6 +317,7 @@ class _Steps:
             self.setup.tokenizer,
             self.builder.eval_step(state.params, state.frozen),
             stage,
+            self.builder.placement,
         )
         if scalars:
             self.writer.write(step, scalars, prefix="eval")
@@ -397,7 +378,7 @@ class _Steps:
                     self.first_eval = self.evaluate(step, stage)
                 self.start_profile(step)
                 self.state, step_metrics = train_step(
-                    self.state, _to_device(batch, self.builder.batch_shardings)
+                    self.state, self.builder.placement.from_local(batch)
                 )
                 step += 1
                 self.window_steps += 1
@@ -421,7 +402,7 @@ class _Steps:
                 if not run.eval_every or step % run.eval_every:
                     self.last_eval = self.evaluate(step, stage)
             # Records read and bad, per source and reason, over the whole run (resumes included).
-            self.writer.write(step, self.iterator.bad_records.scalars(), prefix="data")
+            self.writer.write(step, self.iterator.bad_record_totals(), prefix="data")
         finally:
             if self.profiling:
                 jax.profiler.stop_trace()

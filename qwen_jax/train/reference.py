@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
-from qwen_jax.data import packing, pipeline
+from qwen_jax.data import packing
+from qwen_jax.parallel import host_data
 from qwen_jax.train import dpo
 
 TABLE_FILE = "reference_logps.npz"
@@ -25,14 +26,17 @@ Table = Mapping[str, tuple[float, float]]
 
 def compute_table(
     model,
-    sources: Iterable,
+    pairs: Iterable[dict],
     to_example: Callable[[dict], dict],
     *,
+    placement: host_data.Placement,
     batch_size: int,
     chunk_size: int,
 ) -> dict[str, tuple[float, float]]:
-    """{loc: (chosen, rejected) summed response log-probs under `model`} for every pair of
-    `sources`; `to_example` turns a pair into the row the training pipeline builds for it."""
+    """{loc: (chosen, rejected) summed response log-probs under `model`} for every parsed pair
+    of `pairs`, which every process reads whole; `to_example` turns a pair into the row the training
+    pipeline builds for it. Each process builds only its devices' rows of each batch, and every
+    process gets the whole table."""
 
     @nnx.jit
     def logps(model, batch):
@@ -40,16 +44,20 @@ def compute_table(
         return summed
 
     table = {}
-    for source in sources:
-        docs = pipeline.preference_documents(source)
-        while chunk := list(itertools.islice(docs, batch_size)):
-            rows = [to_example(doc) for doc in chunk]
-            batch = packing.pad_batch(
-                {k: np.stack([r[k] for r in rows]) for k in rows[0]}, batch_size
-            )
-            out = {side: np.asarray(v) for side, v in logps(model, batch).items()}
-            for i, doc in enumerate(chunk):
-                table[doc["loc"]] = (float(out["chosen"][i]), float(out["rejected"][i]))
+    pairs = iter(pairs)
+    while chunk := list(itertools.islice(pairs, batch_size)):
+
+        def rows(first, stop, chunk=chunk):
+            built = [to_example(doc) for doc in chunk[first:stop]] or [to_example(chunk[0])]
+            stacked = {k: np.stack([r[k] for r in built]) for k in built[0]}
+            if first >= len(chunk):  # rows past the end are padding
+                stacked = {k: np.zeros_like(v) for k, v in stacked.items()}
+            return packing.pad_batch(stacked, stop - first)
+
+        batch = placement.from_everyone(batch_size, rows)
+        out = {side: host_data.to_host(v) for side, v in logps(model, batch).items()}
+        for i, doc in enumerate(chunk):
+            table[doc["loc"]] = (float(out["chosen"][i]), float(out["rejected"][i]))
     return table
 
 

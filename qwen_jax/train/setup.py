@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import optax
 from jax.sharding import Mesh
 
@@ -108,21 +107,6 @@ def model_config(preset: QwenConfig | None, init_from: str | None) -> QwenConfig
     return loaded
 
 
-def _check_processes(task) -> None:
-    """SFT's exact-match generation and DPO's reference pass and evaluation still run on
-    host-local data with global programs; across processes they would mix data, so they are
-    refused. (Evaluation losses run on global batches everywhere.)"""
-    if jax.process_count() == 1:
-        return
-    if task.kind == "dpo":
-        raise ValueError("DPO does not run on several processes yet: run it as one process")
-    if task.kind == "sft" and task.eval_source is not None:
-        raise ValueError(
-            "SFT evaluation (exact-match generation) does not run on several processes yet: set "
-            "tasks.SFTTask.eval_source = None (evaluate the exported model)"
-        )
-
-
 def resolve(
     run: RunConfig,
     *,
@@ -138,7 +122,6 @@ def resolve(
     config = model_config(preset, run.init_from)
     run_tokenizer.check(tokenizer, tokenizer_path, config, run.init_from)
     run.task.check(run.init_from)
-    _check_processes(run.task)
     return TrainSetup(
         run, config, runtime, mesh, rules, optimizer, schedule, tokenizer, tokenizer_path
     )

@@ -5,6 +5,7 @@ before training. The loop (`qwen_jax.train.loop`) knows a task only through the 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from qwen_jax.data.chat import DEFAULT_SYSTEM_PROMPT
 from qwen_jax.data.config import DataStage, Source
 from qwen_jax.data.tokenizer import Tokenizer
 from qwen_jax.model.config import QwenConfig
+from qwen_jax.parallel import host_data
 from qwen_jax.train import dpo, evaluation
 from qwen_jax.train import reference as reference_lib
 from qwen_jax.train.step import lm_loss_fn
@@ -33,12 +35,15 @@ class Task(Protocol):
     loss_fn: the step's loss for a batch of `iterator`.
     total_steps: the task's own length (None: until the data ends or the run's total_steps).
     needs_frozen: whether the state carries frozen parameters beside the trained ones.
+    finite_data: whether the training data ends (epochs); the processes of a run then agree
+      on the step where it ends (`qwen_jax.data.shards`).
     """
 
     kind: str
     loss_fn: LossFn
     total_steps: int | None = None
     needs_frozen: bool = False
+    finite_data: bool = False
     eval_source: Any = None  # the held-out data `evaluate` reads; None: no evaluation
 
     def iterator(
@@ -50,16 +55,29 @@ class Task(Protocol):
         ...
 
     def evaluate(
-        self, model, frozen, tokenizer: Tokenizer, eval_step, stage: str
+        self,
+        model,
+        frozen,
+        tokenizer: Tokenizer,
+        eval_step,
+        stage: str,
+        placement: host_data.Placement,
     ) -> tuple[dict, str | None]:
-        """(scalars, text) on `eval_source`; `eval_step(batch) -> (loss_sum, aux)`."""
+        """(scalars, text) on `eval_source`; `eval_step(rows) -> (loss_sum, aux)` on each
+        process's rows of a global batch; `placement` places batches that every process holds
+        whole (generation on a held-out set)."""
         ...
 
     def check(self, init_from: str | None) -> None:
         """Refuses, before anything is written, a run this task cannot do from `init_from`."""
 
     def prepare(
-        self, workdir: str, tokenizer: Tokenizer, init_from: str | None, load_model
+        self,
+        workdir: str,
+        tokenizer: Tokenizer,
+        init_from: str | None,
+        load_model,
+        placement: host_data.Placement,
     ) -> bool:
         """Work before the first step, e.g. a pass of a frozen model over the data;
         `load_model(directory)` builds a checkpoint's model on the run's mesh. True when it
@@ -84,30 +102,11 @@ class Task(Protocol):
         return metrics
 
 
-def _same_count(batches):
-    """This process's eval batches, padded with empty ones (zero weight) to the most any process
-    has: every process must run the (global) eval step equally often."""
-    if jax.process_count() == 1:
-        yield from batches
-        return
-    from jax.experimental import multihost_utils
-
-    local = list(batches)
-    counts = multihost_utils.process_allgather(np.array([len(local)]))
-    if counts.min() == 0:
-        raise ValueError(
-            f"the eval split gives {counts.reshape(-1).tolist()} batches to the processes; each "
-            f"needs one: use a larger eval source or a smaller eval batch size"
-        )
-    empty = {k: np.zeros_like(v) for k, v in local[-1].items()}
-    yield from local + [empty] * (int(counts.max()) - len(local))
-
-
 def eval_pass(eval_step, batches, pair_metrics: Sequence[str] = ()) -> dict:
     """Loss (and per-pair metrics) over all batches, each normalized by the total weight; the
     step's sums are over the global batch, so across processes every process gets the totals."""
     totals: dict[str, float] = {}
-    for batch in _same_count(batches):
+    for batch in host_data.same_count(batches):
         loss_sum, aux = jax.device_get(eval_step(batch))
         totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
         for key in ("weight", *pair_metrics):
@@ -176,7 +175,7 @@ class PretrainTask(Task):
             max_position_embeddings=max(config.max_position_embeddings, self.seq_len(stage)),
         )
 
-    def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
+    def evaluate(self, model, frozen, tokenizer, eval_step, stage: str, placement):
         batches = pipeline.pretrain_eval_iterator(
             self.eval_source,
             tokenizer,
@@ -208,7 +207,7 @@ class SFTTask(Task):
         z_loss: float = 0.0,
     ):
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
-        self.num_epochs = num_epochs
+        self.num_epochs, self.finite_data = num_epochs, num_epochs is not None
         self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
         self.exact_match_examples, self.num_samples = exact_match_examples, num_samples
         self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
@@ -237,7 +236,7 @@ class SFTTask(Task):
             worker_count=self.worker_count,
         )
 
-    def exact_match(self, model, tokenizer) -> tuple[float, list]:
+    def exact_match(self, model, tokenizer, placement) -> tuple[float, list]:
         examples = list(
             pipeline.generation_eval_examples(
                 self.eval_source,
@@ -250,6 +249,7 @@ class SFTTask(Task):
             model,
             tokenizer,
             [e["prompt_ids"] for e in examples],
+            placement=placement,
             max_new_tokens=self.max_new_tokens,
         )
         hits = [a == e["answer"].strip() for a, e in zip(answers, examples)]
@@ -258,10 +258,10 @@ class SFTTask(Task):
         ]
         return float(np.mean(hits)), samples
 
-    def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
+    def evaluate(self, model, frozen, tokenizer, eval_step, stage: str, placement):
         batches = self._batches(self.eval_source, tokenizer, self.eval_batch_size, for_eval=True)
         scalars = eval_pass(eval_step, batches)
-        scalars["exact_match"], samples = self.exact_match(model, tokenizer)
+        scalars["exact_match"], samples = self.exact_match(model, tokenizer, placement)
         text = "\n".join(
             f"--- prompt: {p!r}\n    expected: {e!r}\n    got: {g!r}"
             for p, e, g in samples[: self.num_samples]
@@ -306,6 +306,7 @@ class DPOTask(Task):
         # response's first `seq_len - prompt_len` (TRL's max_prompt_length and max_length).
         self.source, self.prompt_len, self.response_len = source, prompt_len, seq_len - prompt_len
         self.batch_size, self.num_epochs = batch_size, num_epochs
+        self.finite_data = num_epochs is not None
         self.config = config or dpo.DPOConfig()
         self.reference, self.precompute_reference = reference, precompute_reference
         self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
@@ -333,7 +334,7 @@ class DPOTask(Task):
         if self.precompute_reference:
             self._reference_dir(init_from)
 
-    def prepare(self, workdir: str, tokenizer, init_from: str | None, load_model) -> bool:
+    def prepare(self, workdir, tokenizer, init_from, load_model, placement) -> bool:
         """With `precompute_reference`: reads this run's table from the workdir, or computes it
         with the reference model and writes it there (process 0); the rows then carry it."""
         if not self.precompute_reference:
@@ -345,8 +346,9 @@ class DPOTask(Task):
         sources = [self.source] + ([self.eval_source] if self.eval_source is not None else [])
         table = reference_lib.compute_table(
             load_model(self._reference_dir(init_from)),
-            sources,
+            itertools.chain.from_iterable(map(pipeline.preference_documents, sources)),
             self._to_example(tokenizer),
+            placement=placement,
             batch_size=self.eval_batch_size,
             chunk_size=self.chunk_size,
         )
@@ -386,7 +388,7 @@ class DPOTask(Task):
     def step_metrics(self, metrics: dict) -> dict:
         return dpo.pair_means(metrics)
 
-    def evaluate(self, model, frozen, tokenizer, eval_step, stage: str):
+    def evaluate(self, model, frozen, tokenizer, eval_step, stage: str, placement):
         batches = self._pairs(
             self.eval_source, tokenizer, batch_size=self.eval_batch_size, for_eval=True
         )
@@ -398,6 +400,7 @@ class DPOTask(Task):
                 tokenizer,
                 records,
                 system_prompt=self.system_prompt,
+                placement=placement,
                 max_new_tokens=self.max_new_tokens,
             )
         )

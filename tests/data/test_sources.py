@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pytest
 import zstandard
 from array_record.python import array_record_module
 
-from qwen_jax.data import documents
+from qwen_jax.data import documents, sources
 from qwen_jax.data.config import Source
 from qwen_jax.data.sources import RecordSource, record_dataset
 
@@ -86,6 +87,31 @@ def test_each_host_reads_only_its_own_shard(tmp_path):
     ]
     half = len(two) // 2
     assert sorted(two[:half]) == sorted(two[half:]) and two[:half] != two[half:]
+
+
+def test_with_enough_files_each_shard_opens_only_its_own(tmp_path, monkeypatch):
+    for k in range(5):
+        (tmp_path / f"part-{k}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{k}-{i}"}) + "\n" for i in range(3))
+        )
+    source = Source("s", str(tmp_path / "part-*.jsonl"))
+    opened = []
+    original = sources.JsonlFile.__init__
+
+    def spy(self, path):
+        opened.append(os.path.basename(path))
+        original(self, path)
+
+    monkeypatch.setattr(sources.JsonlFile, "__init__", spy)
+    texts = []
+    for index in range(2):
+        opened.clear()
+        ds = record_dataset(source, shard_index=index, shard_count=2, seed=0, num_epochs=1)
+        texts.append(sorted(json.loads(r["value"])["text"] for r in ds))
+        assert opened == [["part-0.jsonl", "part-1.jsonl"], ["part-2.jsonl", "part-3.jsonl",
+                                                            "part-4.jsonl"]][index]  # fmt: skip
+    assert texts[0] == [f"{k}-{i}" for k in range(2) for i in range(3)]
+    assert texts[1] == [f"{k}-{i}" for k in range(2, 5) for i in range(3)]
 
 
 def test_window_shuffle_keeps_reads_local(tmp_path):

@@ -1,7 +1,8 @@
 """Two processes x 4 emulated CPU devices, joined by `qwen_jax.launch.local`, train as one
 8-device process does: the same losses, a kill -9 resumed with every process's data position,
 a checkpoint that restores in one 4-device process, an export equal to a single-process one; and
-a killed peer ends the other process instead of leaving it blocked."""
+a killed peer ends the other process instead of leaving it blocked; DPO's reference pass and
+evaluation, split over two processes, give what one process gives."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 import safetensors.numpy
 
 import train_runs
+from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
+from qwen_jax.train import reference
 
 TOLERANCE = 1e-5
 # The tiny two-stage run with 8 rows a step (divisible by the 8 devices), 12 steps, checkpoints
@@ -34,6 +37,10 @@ BINDINGS = [
     "tasks.PretrainTask.eval_source = %PRETRAIN_EVAL_TEXT",
     "setup.RunConfig.eval_every = 5",
 ]
+# TRL's DPO metrics, but not rewards/accuracies: it counts margins > 0, and while the policy is
+# still the reference its margins are float noise around 0 that either run may round across.
+DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+               "logps/rejected")  # fmt: skip
 MESH_8 = ["mesh.MeshConfig.data = 2", "mesh.MeshConfig.fsdp = 4"]
 
 
@@ -167,14 +174,58 @@ def test_a_killed_peer_ends_the_other_process(tiny_pretrain_data, tmp_path):
     assert "stopped sending heartbeats" in out and "\n1\n" in out.replace("[0] ", ""), out[-3000:]
 
 
-@pytest.mark.parametrize("kind, eval_source", [("dpo", None), ("sft", "eval.jsonl")])
-def test_tasks_not_yet_multi_process_are_refused(monkeypatch, kind, eval_source):
-    import jax
+def _dpo_params(root) -> list[str]:
+    """The demo's DPO with its reference precomputed, on a (fsdp=4) mesh, the train pairs in two
+    files of 28 and 22 pairs: one data shard each, 4 pairs a step, so shard 1 runs out after 6
+    steps (the last one padded) while shard 0 still has data: the run ends there, in every
+    process."""
+    data = train_runs.write_data(root / "data")
+    with open(data["preference_train.jsonl"]) as f:
+        pairs = f.readlines()
+    assert len(pairs) == 50
+    for name, part in (("a", pairs[:28]), ("b", pairs[28:])):
+        (root / f"pairs_{name}.jsonl").write_text("".join(part))
+    train_runs.save_tiny_checkpoint(root / "init", seed=1)
+    return [
+        f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
+        f"PREFERENCE_TRAIN = '{root / 'pairs_*.jsonl'}'",
+        f"PREFERENCE_EVAL = '{data['preference_eval.jsonl']}'",
+        f"INIT_FROM = '{root / 'init'}'",
+        "tasks.DPOTask.batch_size = 8",
+        "tasks.DPOTask.eval_batch_size = 8",
+        "tasks.DPOTask.num_epochs = 1",
+        "tasks.DPOTask.max_new_tokens = 4",
+        "tasks.DPOTask.precompute_reference = True",
+        "setup.RunConfig.data_shards = 2",
+        "setup.RunConfig.log_every = 1",
+        "mesh.MeshConfig.data = 1",
+        "mesh.MeshConfig.fsdp = 4",
+    ]
 
-    from qwen_jax.train import setup
 
-    task = type("Task", (), {"kind": kind, "eval_source": eval_source})()
-    setup._check_processes(task)  # one process: fine
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match="does not run on several processes yet"):
-        setup._check_processes(task)
+def test_dpo_with_precomputed_reference_and_evaluation_on_two_processes_as_on_one(tmp_path):
+    params = _dpo_params(tmp_path)
+    gin = ["configs/demo/dpo.gin"]
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    train_runs.run(one, gin, params, extra_env=_env(4))
+    _finish(_launch(train_runs.command(two, gin, params)[3:], devices=2))
+
+    table_one = reference.load_table(str(one / reference.TABLE_FILE))
+    table_two = reference.load_table(str(two / reference.TABLE_FILE))
+    assert sorted(table_two) == sorted(table_one) and len(table_one) == 55  # train and eval
+    for loc, values in table_one.items():
+        np.testing.assert_allclose(table_two[loc], values, rtol=0, atol=TOLERANCE, err_msg=loc)
+
+    for split, steps in (("train", [1, 2, 3, 4, 5, 6]), ("eval", [0, 6])):
+        want, got = train_runs.train_records(one, split), train_runs.train_records(two, split)
+        assert sorted(want) == sorted(got) == steps, split
+        for step in steps:
+            keys = DPO_METRICS + (
+                ("preference_accuracy", "greedy_chosen_rate") if split == "eval" else ()
+            )
+            for key in keys:
+                assert abs(got[step][key] - want[step][key]) <= TOLERANCE, (split, step, key)
+    # The run's record tallies add up both processes' shards: shard 1's 22 pairs and at least
+    # the 24 that shard 0 fed to the 6 steps.
+    (tally,) = train_runs.train_records(two, "data").values()
+    assert tally["source0/records"] >= 22 + 24 and tally["source0/bad"] == 0, tally
