@@ -229,3 +229,40 @@ def test_dpo_with_precomputed_reference_and_evaluation_on_two_processes_as_on_on
     # the 24 that shard 0 fed to the 6 steps.
     (tally,) = train_runs.train_records(two, "data").values()
     assert tally["source0/records"] >= 22 + 24 and tally["source0/bad"] == 0, tally
+
+
+def _answers(log: str) -> list[str]:
+    """The greedy answers of the evaluations' samples, in order."""
+    return [line.split("got: ", 1)[1] for line in log.splitlines() if "    got: " in line]
+
+
+def test_sft_exact_match_on_two_processes_as_on_one(tmp_path):
+    data = train_runs.write_data(tmp_path / "data")
+    train_runs.save_tiny_checkpoint(tmp_path / "init", seed=2)
+    params = [
+        f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
+        f"CHAT_TRAIN = '{data['chat_train.jsonl']}'",
+        f"CHAT_EVAL = '{data['chat_eval.jsonl']}'",
+        f"INIT_FROM = '{tmp_path / 'init'}'",
+        "SFT_STEPS = 2",
+        "optimizer.warmup_cosine.warmup_steps = 1",
+        "tasks.SFTTask.seq_len = 128",
+        "tasks.SFTTask.max_new_tokens = 6",
+        "tasks.SFTTask.num_samples = 5",
+        "setup.RunConfig.data_shards = 2",
+        "mesh.MeshConfig.data = 1",
+        "mesh.MeshConfig.fsdp = 4",
+    ]
+    gin = ["configs/demo/sft.gin"]
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    one_log = train_runs.run(one, gin, params, extra_env=_env(4)).stderr
+    two_log = _finish(_launch(train_runs.command(two, gin, params)[3:], devices=2))
+
+    want, got = train_runs.train_records(one, "eval"), train_runs.train_records(two, "eval")
+    assert sorted(want) == sorted(got) == [0, 2]
+    for step in want:
+        for key in ("loss", "exact_match"):
+            assert abs(got[step][key] - want[step][key]) <= TOLERANCE, (step, key)
+    # The 5 held-out prompts' greedy answers at steps 0 and 2, word for word (this random
+    # model's answers are whitespace, so this is the weaker half of the check).
+    assert len(_answers(one_log)) == 10 and _answers(two_log) == _answers(one_log)
