@@ -13,6 +13,7 @@ import gin
 
 from qwen_jax.checkpoint import manager
 from qwen_jax.data import config as data_config
+from qwen_jax.eval import in_loop
 from qwen_jax.model import config as model_config
 from qwen_jax.model import generate, layers
 from qwen_jax.parallel import mesh as mesh_lib
@@ -34,6 +35,7 @@ _register(dpo, "DPOConfig")
 (make_optimizer,) = _register(optimizer, "make_optimizer")
 _register(optimizer, "warmup_cosine", "warmup_stable_decay", "constant")
 (RunConfig,) = _register(setup, "RunConfig")
+_register(in_loop, "LmEvalConfig")
 
 
 def binds(name: str) -> bool:

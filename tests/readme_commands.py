@@ -46,17 +46,23 @@ def env(**extra) -> dict:
     return e
 
 
-def run(
-    cmd: str, cwd, *overrides: str, timeout: int = 900, check: bool = True
-) -> subprocess.CompletedProcess:
+def split(cmd: str) -> tuple[list[str], dict[str, str]]:
+    """(argv with this interpreter as `python`, the leading `NAME=value` environment words)."""
     words = shlex.split(cmd)
     extra = {}
     while "=" in words[0] and not words[0].startswith("-"):
         name, value = words.pop(0).split("=", 1)
         extra[name] = value
     assert words[0] == "python", cmd
+    return [sys.executable, *words[1:]], extra
+
+
+def run(
+    cmd: str, cwd, *overrides: str, timeout: int = 900, check: bool = True
+) -> subprocess.CompletedProcess:
+    program, extra = split(cmd)
     result = subprocess.run(
-        [sys.executable, *words[1:], *overrides],
+        [*program, *overrides],
         cwd=cwd,
         env=env(**extra),
         capture_output=True,

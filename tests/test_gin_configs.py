@@ -18,6 +18,7 @@ FILES = sorted(
         "configs/demo/*.gin",
         "configs/sft.gin",
         "configs/dpo.gin",
+        "configs/lm_eval.gin",
     )
     for p in glob.glob(os.path.join(ROOT, pattern))
 )

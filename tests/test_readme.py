@@ -18,7 +18,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 # Run by .ci/run itself (in a fresh virtual environment): the install and the test command.
 CI_RUN = (
     "python3 -m venv .venv && . .venv/bin/activate",
-    "pip install -e '.[test,tpu,seqio]'",
+    "pip install -e '.[test,tpu,seqio,eval]'",
     "python -m pytest -q tests",
 )
 
@@ -40,7 +40,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
     commands = readme.commands()
     for command in CI_RUN:
         assert command in commands, command
-    assert "pip install --quiet -e '.[test,tpu,seqio]'" in ci
+    assert "pip install --quiet -e '.[test,tpu,seqio,eval]'" in ci
     assert "\npython -m pytest -q tests\n" in ci
 
 

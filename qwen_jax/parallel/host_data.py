@@ -117,3 +117,18 @@ class Placement:
     def padded_size(self, count: int) -> int:
         """The smallest global batch size that holds `count` rows."""
         return -(-count // self.batch_shards) * self.batch_shards
+
+
+def shared_rows(placement: Placement | None, full: Rows) -> Rows:
+    """`full` (rows every process holds) as a program's input: as they are in one process
+    (`placement` None), else a global batch of which each process feeds its devices' rows, padded
+    to a size the batch axes divide with copies of the last row (whose results are dropped)."""
+    if placement is None:
+        return full
+    count = len(next(iter(full.values())))
+    take = np.minimum(np.arange(placement.padded_size(count)), count - 1)
+    padded = {k: np.asarray(v)[take] for k, v in full.items()}
+    return placement.from_everyone(
+        len(take), lambda start, stop: {k: v[start:stop] for k, v in padded.items()},
+        split_length=False,
+    )  # fmt: skip

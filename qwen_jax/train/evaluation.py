@@ -34,21 +34,6 @@ def _left_pad(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
-def _batch(placement: host_data.Placement | None, full: dict[str, np.ndarray]) -> dict:
-    """`full` (rows every process holds) as the program's input: as they are in one process
-    (`placement` None), else a global batch of which each process feeds its devices' rows, padded
-    to a size the batch axes divide with copies of the last row (whose results are dropped)."""
-    if placement is None:
-        return full
-    count = len(next(iter(full.values())))
-    take = np.minimum(np.arange(placement.padded_size(count)), count - 1)
-    padded = {k: v[take] for k, v in full.items()}
-    return placement.from_everyone(
-        len(take), lambda start, stop: {k: v[start:stop] for k, v in padded.items()},
-        split_length=False,
-    )  # fmt: skip
-
-
 def greedy_answers(
     model,
     tokenizer: Tokenizer,
@@ -65,7 +50,7 @@ def greedy_answers(
     for start in range(0, len(prompt_rows), batch_size):
         rows = prompt_rows[start : start + batch_size]
         ids, mask = _left_pad(rows, tokenizer.pad_id)
-        batch = _batch(placement, {"ids": ids, "mask": mask})
+        batch = host_data.shared_rows(placement, {"ids": ids, "mask": mask})
         tokens, lengths = generate(
             model, batch["ids"], batch["mask"], max_new_tokens=max_new_tokens, stop_tokens=stops
         )
@@ -96,7 +81,7 @@ def response_logprobs(
     rows = [response_example(tokenizer, p, r) for p, r in zip(prompt_rows, responses)]
     width = max(len(r["inputs"]) for r in rows)
     rows = [pad_row(r, width, tokenizer.pad_id) for r in rows]
-    batch = _batch(placement, {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    batch = host_data.shared_rows(placement, {k: np.stack([r[k] for r in rows]) for k in rows[0]})
     return host_data.to_host(_summed_logprobs(model, batch))[: len(rows)]
 
 

@@ -29,6 +29,7 @@ from flax import nnx
 from qwen_jax.checkpoint import model_io
 from qwen_jax.checkpoint.manager import CheckpointError, TrainCheckpointer
 from qwen_jax.data.shards import ShardedIterator
+from qwen_jax.eval import in_loop
 from qwen_jax.model.config import model_flops_per_token
 from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
 from qwen_jax.parallel import host_data
@@ -153,7 +154,11 @@ def _restore_newest(setup: TrainSetup, checkpointer: TrainCheckpointer, state: T
             logging.debug("restoring step %d failed", step, exc_info=True)
             failed.append((step, " ".join(str(e).split())[:300] or type(e).__name__))
             continue
-        if restored["model_config"] != setup.model_config.to_hf_config():
+        stage = restored["train_meta"]["stage"]
+        if (
+            restored["model_config"]
+            != setup.task.model_config(setup.model_config, stage).to_hf_config()
+        ):
             raise ValueError(
                 f"checkpoint {checkpointer.directory}/{step} is of another model "
                 f"than the one configured"
@@ -289,10 +294,11 @@ class _Steps:
         self.profiling = False
 
     def save(self, step: int) -> None:
-        state, run = self.state, self.setup.run
+        state, run, task = self.state, self.setup.run, self.setup.task
+        stage = task.stage(self.iterator.first)
         meta = {
             "step": step,
-            "stage": self.setup.task.stage(self.iterator.first),
+            "stage": stage,
             "seed": run.seed,
             "state_step": int(state.step),
             "skipped": int(state.skipped),
@@ -302,7 +308,9 @@ class _Steps:
             params=state.params,
             opt_state=state.opt_state,
             frozen=state.frozen,
-            model_config=self.setup.model_config.to_hf_config(),
+            # The architecture the parameters continue with (a stage may raise the RoPE base),
+            # so that a fine-tune or an export from this step uses the one they were trained at.
+            model_config=task.model_config(self.setup.model_config, stage).to_hf_config(),
             meta=meta,
             data_state=self.iterator.get_state(),
         )
@@ -324,6 +332,17 @@ class _Steps:
         if text:
             self.writer.text(step, "eval/samples", text)
         return scalars
+
+    def lm_eval(self, step: int) -> None:
+        scalars = in_loop.evaluate(
+            self.setup.run.lm_eval,
+            self.builder.model(self.state.params),
+            os.path.join(self.workdir, model_io.TOKENIZER),
+            self.builder.placement,
+            self.workdir,
+            step,
+        )
+        self.writer.write(step, scalars, prefix="lm_eval")
 
     def log(self, step: int, stage: str, step_metrics: dict, batch: dict) -> None:
         host = jax.device_get(self.setup.task.step_metrics(step_metrics))
@@ -393,6 +412,8 @@ class _Steps:
                     self.log(step, stage, step_metrics, batch)
                 if run.eval_every and step % run.eval_every == 0:
                     self.last_eval = self.evaluate(step, stage)
+                if run.lm_eval and step % run.lm_eval.every_steps == 0:
+                    self.lm_eval(step)
                 self.checkpointer.check_for_errors()  # a failed async save, one step late at most
                 if self.checkpointer.should_save(step):
                     self.save(step)
@@ -401,6 +422,8 @@ class _Steps:
                 self.save(step)
                 if not run.eval_every or step % run.eval_every:
                     self.last_eval = self.evaluate(step, stage)
+                if run.lm_eval and step % run.lm_eval.every_steps:
+                    self.lm_eval(step)
             # Records read and bad, per source and reason, over the whole run (resumes included).
             self.writer.write(step, self.iterator.bad_record_totals(), prefix="data")
         finally:

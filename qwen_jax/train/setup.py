@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from qwen_jax.checkpoint import model_io
 from qwen_jax.checkpoint.manager import CheckpointConfig
 from qwen_jax.data.tokenizer import Tokenizer
+from qwen_jax.eval.in_loop import LmEvalConfig
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
 from qwen_jax.parallel.logical import LogicalRules
@@ -52,6 +53,8 @@ class RunConfig:
     # Data shards (`qwen_jax.data.shards`); None: one per process. Batches are the same for every
     # process count that divides it, and a checkpoint restores onto any such count.
     data_shards: int | None = None
+    # lm-eval tasks on the current parameters every N steps (`qwen_jax.eval.in_loop`).
+    lm_eval: LmEvalConfig | None = None
 
     def __post_init__(self):
         if self.nan_policy not in NAN_POLICIES:
@@ -122,6 +125,8 @@ def resolve(
     config = model_config(preset, run.init_from)
     run_tokenizer.check(tokenizer, tokenizer_path, config, run.init_from)
     run.task.check(run.init_from)
+    if run.lm_eval is not None:
+        run.lm_eval.check()
     return TrainSetup(
         run, config, runtime, mesh, rules, optimizer, schedule, tokenizer, tokenizer_path
     )

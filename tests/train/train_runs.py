@@ -72,15 +72,11 @@ def wait_for_step(workdir, proc, step: int, timeout: float = 300) -> None:
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def save_tiny_checkpoint(directory, seed: int = 0) -> None:
-    """A random 2-layer model over the demo vocabulary, as a model checkpoint (for `init_from`)."""
-    from flax import nnx
-
-    from qwen_jax.checkpoint import model_io
+def tiny_config(**changes):
+    """A 2-layer architecture over the demo vocabulary."""
     from qwen_jax.model.config import QwenConfig
-    from qwen_jax.model.transformer import Qwen2ForCausalLM
 
-    config = QwenConfig(
+    return QwenConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -91,7 +87,17 @@ def save_tiny_checkpoint(directory, seed: int = 0) -> None:
         tie_word_embeddings=True,
         bos_token_id=545,
         eos_token_id=545,
-    )
+    ).replace(**changes)
+
+
+def save_tiny_checkpoint(directory, seed: int = 0) -> None:
+    """A random `tiny_config` model, as a model checkpoint (for `init_from`)."""
+    from flax import nnx
+
+    from qwen_jax.checkpoint import model_io
+    from qwen_jax.model.transformer import Qwen2ForCausalLM
+
+    config = tiny_config()
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
     model_io.save_model_checkpoint(directory, model_io.model_params(model), config)
 
