@@ -76,9 +76,10 @@ def _stop_ids(directory: str, config: QwenConfig) -> list[int]:
     return [ids] if isinstance(ids, int) else list(ids)
 
 
-def _generation_settings(directory: str) -> dict:
-    path = os.path.join(directory, hf_convert.GENERATION_CONFIG)
-    if not os.path.isfile(path):
+def _generation_settings(directory: str | None) -> dict:
+    """The checkpoint's generation_config.json (stop ids, sampling defaults); {} without one."""
+    path = os.path.join(directory or "", hf_convert.GENERATION_CONFIG)
+    if directory is None or not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -142,6 +143,7 @@ class QwenJaxLM(TemplateLM):
             config,
             tokenizer or tokenizer_dir,
             placement,
+            generation_dir=tokenizer_dir,  # the model's own, whichever tokenizer reads the text
             batch_size=int(batch_size),
             max_length=max_length,
             max_gen_toks=max_gen_toks,
@@ -169,6 +171,7 @@ class QwenJaxLM(TemplateLM):
             model.config,
             tokenizer_dir,
             placement,
+            generation_dir=tokenizer_dir,
             batch_size=batch_size,
             max_length=max_length,
             max_gen_toks=256,
@@ -185,6 +188,7 @@ class QwenJaxLM(TemplateLM):
         tokenizer_dir,
         placement,
         *,
+        generation_dir,
         batch_size,
         max_length,
         max_gen_toks,
@@ -196,9 +200,9 @@ class QwenJaxLM(TemplateLM):
         self.tokenizer = load_tokenizer(tokenizer_dir, config, what)
         self._max_length = int(max_length) if max_length else None
         self._max_gen_toks = int(max_gen_toks)
-        self.stop_ids = _stop_ids(tokenizer_dir, config)
+        self.stop_ids = _stop_ids(generation_dir, config)
         self.sampling_defaults = {
-            k: v for k, v in _generation_settings(tokenizer_dir).items() if k in _SAMPLING_KWARGS
+            k: v for k, v in _generation_settings(generation_dir).items() if k in _SAMPLING_KWARGS
         }
         self.rng = jax.random.key(int(seed))
         pad = self.tokenizer.pad_token_id
