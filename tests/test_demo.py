@@ -62,14 +62,14 @@ def test_demo_loss_falls_in_every_stage(demo):
 
 
 # The demo's held-out figures on seeds 0, 1, 2 (docs/results.md, "The demo"), worst first:
-#   SFT exact match 0 -> 0.30 / 0.42 / 0.48; DPO preference accuracy 0.48 -> 0.98, 0.48 -> 0.98,
-#   0.43 -> 0.99; greedy == chosen 0 -> 0.21 / 0.51 / 0.56; rewards/accuracies 0.88 / 0.90 / 0.95.
+#   SFT exact match 0 -> 0.19 / 0.25 / 0.39; DPO preference accuracy 0.49 -> 0.91, 0.49 -> 0.99,
+#   0.49 -> 1.00; greedy == chosen 0 -> 0.26 / 0.32 / 0.33; rewards/accuracies 0.78 / 0.90 / 0.92.
 # Each threshold sits well below the worst seed, so another CPU's rounding cannot fail it.
 def test_demo_figures_rise_on_held_out_data(demo):
     workdir, _ = demo
     results = json.loads((workdir / "demo_results.json").read_text())
     before, after = results["sft_exact_match"]
-    assert before == 0.0 and after >= 0.15, (before, after)
+    assert before == 0.0 and after >= 0.1, (before, after)
     before, after = results["dpo_preference_accuracy"]
     assert after >= 0.8 and after - before >= 0.3, (before, after)
     before, after = results["dpo_greedy_chosen_rate"]
@@ -77,7 +77,7 @@ def test_demo_figures_rise_on_held_out_data(demo):
     # TRL's rewards/accuracies compares with the reference: 0 at the start by definition (every
     # reward is 0 and a tie is no win).
     before, after = results["dpo_rewards_accuracies"]
-    assert before == 0.0 and after >= 0.7, (before, after)
+    assert before == 0.0 and after >= 0.6, (before, after)
     before, after = results["pretrain_eval_loss"]
     assert after < 0.25 * before, (before, after)
 
