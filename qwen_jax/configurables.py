@@ -13,6 +13,8 @@ import gin
 
 from qwen_jax.checkpoint import manager
 from qwen_jax.data import config as data_config
+from qwen_jax.data.quality import dedup, heuristics, model_scores
+from qwen_jax.data.quality import run as quality_run
 from qwen_jax.eval import in_loop
 from qwen_jax.model import config as model_config
 from qwen_jax.model import generate, layers
@@ -36,6 +38,10 @@ _register(dpo, "DPOConfig")
 _register(optimizer, "warmup_cosine", "warmup_stable_decay", "constant")
 (RunConfig,) = _register(setup, "RunConfig")
 _register(in_loop, "LmEvalConfig")
+(QualityConfig,) = _register(quality_run, "QualityConfig")
+_register(dedup, "ExactDedup", "NearDedup")
+_register(heuristics, "GopherQuality", "GopherRepetition", "C4Rules")
+_register(model_scores, "Perplexity", "QualityRating")
 
 
 def binds(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Every shipped training gin file parses: names, imports and includes resolve."""
+"""Every shipped gin file (training, lm-eval, data quality) parses: names, imports and includes resolve."""
 
 import glob
 import os
@@ -19,6 +19,7 @@ FILES = sorted(
         "configs/sft.gin",
         "configs/dpo.gin",
         "configs/lm_eval.gin",
+        "configs/quality/*.gin",
     )
     for p in glob.glob(os.path.join(ROOT, pattern))
 )

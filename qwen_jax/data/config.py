@@ -35,6 +35,12 @@ class Source:
       max_bad_fraction: the run fails once more than this fraction of this source's records were
         bad (malformed JSON, non-UTF-8, empty, unknown role, missing field).
       seqio_split: the split a seqio Task/Mixture is read from.
+      score_field: a numeric record field to select documents by (e.g. `perplexity` or
+        `quality_rating`, written by `python -m qwen_jax.data.quality`); a record without it is
+        a bad record.
+      min_score / max_score: documents with `min_score <= score < max_score` are read, the
+        others skipped (not counted as bad). Several sources over the same scored files with
+        adjacent ranges are score buckets, and a stage's mixture weights them.
     """
 
     name: str
@@ -44,6 +50,9 @@ class Source:
     shuffle_window: int | None = None
     max_bad_fraction: float = 0.01
     seqio_split: str = "train"
+    score_field: str | None = None
+    min_score: float | None = None
+    max_score: float | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -58,6 +67,16 @@ class Source:
             raise ValueError(f"Source {self.name!r}: no paths given")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"Source {self.name!r}: max_bad_fraction must be in [0, 1]")
+        has_range = self.min_score is not None or self.max_score is not None
+        if has_range != (self.score_field is not None):
+            raise ValueError(
+                f"Source {self.name!r}: score_field and a min_score or max_score go together"
+            )
+
+    def in_score_range(self, score: float) -> bool:
+        return (self.min_score is None or score >= self.min_score) and (
+            self.max_score is None or score < self.max_score
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,6 +172,53 @@ def pretrain_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
         yield {"text": "\n".join(lines)}
 
 
+_BOILERPLATE = (
+    "Home | About | Contact | Log in",
+    "Accept cookies to continue. Read our privacy policy.",
+    "Share this page",
+    "Copyright reserved. All rights reserved.",
+)
+_JUNK_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789" + "#" * 6 + "@%&*~^|<>"
+
+
+def _junk(rng: random.Random) -> str:
+    """Character soup, as broken encodings and scraped markup leave it."""
+    lines = []
+    for _ in range(rng.randint(4, 10)):
+        words = ("".join(rng.choices(_JUNK_CHARACTERS, k=rng.randint(2, 14))) for _ in range(12))
+        lines.append(" ".join(words))
+    return "\n".join(lines)
+
+
+def _boilerplate(rng: random.Random) -> str:
+    """A page of navigation and notices, its lines repeated."""
+    return "\n".join(rng.choice(_BOILERPLATE) for _ in range(rng.randint(10, 20)))
+
+
+def noisy_pretrain_docs(seed: int, clean: list[dict]) -> Iterator[dict]:
+    """`clean` in order, with noise after some documents, as crawled text has it: character
+    soup, repeated boilerplate, exact copies (case or spacing changed) and near copies (a few
+    words added) of earlier documents. Noise records carry `noise` (its kind), so a filter's
+    result can be checked against what was planted."""
+    rng = random.Random(seed)
+    for i, doc in enumerate(clean):
+        yield doc
+        kind = rng.random()
+        if kind < 0.15:
+            yield {"text": _junk(rng), "noise": "junk"}
+        elif kind < 0.30:
+            yield {"text": _boilerplate(rng), "noise": "boilerplate"}
+        elif kind < 0.37:
+            text = clean[rng.randrange(i + 1)]["text"]
+            text = text.upper() if rng.random() < 0.5 else text.replace(" ", "  ")
+            yield {"text": text, "noise": "exact_copy"}
+        elif kind < 0.44:
+            yield {
+                "text": clean[rng.randrange(i + 1)]["text"] + " Read more.",
+                "noise": "near_copy",
+            }
+
+
 def long_docs(seed: int, n: int, world: list[Country]) -> Iterator[dict]:
     """Longer texts (a few hundred tokens): an almanac entry per country plus arithmetic tables."""
     rng = random.Random(seed)
@@ -259,16 +306,23 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+RAW_PRETRAIN = "pretrain_raw.jsonl"  # pretrain.jsonl with noise: what the demo filters
+
+
 def write_demo_data(
     directory: str | os.PathLike, seed: int = 0, scale: float = 1.0
 ) -> dict[str, str]:
-    """Writes every demo split as JSONL into `directory`; returns file name -> path."""
+    """Writes every demo split as JSONL into `directory`, and `RAW_PRETRAIN`; returns file name
+    -> path."""
     os.makedirs(directory, exist_ok=True)
     paths = {}
     for name in _SPLITS:
         path = os.path.join(directory, name)
         write_jsonl(path, demo_records(name, seed, scale))
         paths[name] = path
+    paths[RAW_PRETRAIN] = os.path.join(directory, RAW_PRETRAIN)
+    clean = demo_records("pretrain.jsonl", seed, scale)
+    write_jsonl(paths[RAW_PRETRAIN], noisy_pretrain_docs(seed * 1000 + 8, clean))
     return paths
 
 

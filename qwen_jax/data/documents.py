@@ -44,13 +44,29 @@ def preference_keys(source: Source) -> list[str]:
 PROMPT, COMPLETION = "prompt", "completion"  # TRL's prompt-completion keys
 
 
+class OutOfScoreRange(Exception):
+    """A record whose score is outside its source's range: skipped, not bad."""
+
+
 def columns(source: Source, kind: str) -> list[str]:
     """The record keys a document of `kind` may need (Parquet reads only these columns)."""
     if kind == "preference":
-        return preference_keys(source)
-    if kind == "messages":
-        return [source.field, PROMPT, COMPLETION]
-    return [source.field]
+        keys = preference_keys(source)
+    elif kind == "messages":
+        keys = [source.field, PROMPT, COMPLETION]
+    else:
+        keys = [source.field]
+    return keys + ([source.score_field] if source.score_field else [])
+
+
+def _check_score(obj: Mapping, source: Source) -> None:
+    value = _get(obj, source.score_field)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise BadRecord(
+            f"bad field: {source.score_field!r} is {type(value).__name__}, not a number"
+        )
+    if not source.in_score_range(float(value)):
+        raise OutOfScoreRange
 
 
 def _format_keys(source: Source, kind: str) -> list[tuple[str, ...]]:
@@ -69,7 +85,7 @@ def check_format(source: Source, kind: str, first_records: Iterable[tuple[str, A
     formats = _format_keys(source, kind)
     for loc, value in first_records:
         try:
-            obj = _as_object(value)
+            obj = as_object(value)
         except BadRecord:
             continue
         if not any(all(k in obj for k in keys) for keys in formats):
@@ -80,7 +96,7 @@ def check_format(source: Source, kind: str, first_records: Iterable[tuple[str, A
             )
 
 
-def _as_object(value: Any) -> Mapping:
+def as_object(value: Any) -> Mapping:
     if isinstance(value, (bytes, bytearray)):
         try:
             value = bytes(value).decode("utf-8")
@@ -145,7 +161,7 @@ def _response(obj: Mapping, key: str, prompt_turns: int = 0) -> str:
 
 
 def parse(record: Mapping, source: Source, kind: str) -> dict:
-    """The document in `record`, or BadRecord with the reason."""
+    """The document in `record`; BadRecord with the reason, or OutOfScoreRange."""
     value = record["value"]
     doc = {"source": record["source"], "loc": record["loc"]}
     if source.field == "tokens":
@@ -156,7 +172,9 @@ def parse(record: Mapping, source: Source, kind: str) -> dict:
         if tokens.size == 0:
             raise BadRecord("empty document")
         return {**doc, "tokens": tokens}
-    obj = _as_object(value)
+    obj = as_object(value)
+    if source.score_field:
+        _check_score(obj, source)
     if kind == "text":
         value = _get(obj, source.field)
         if isinstance(value, np.ndarray) and value.dtype.kind in "iu":  # e.g. a seqio token feature
@@ -209,6 +227,10 @@ def _implicit_prompt(obj: Mapping, chosen_key: str, rejected_key: str) -> dict:
     }
 
 
+# A score range that selects nothing would otherwise skip records forever in an endless stream.
+_MAX_SKIPPED_IN_A_ROW = 100_000
+
+
 class ParseRecords:
     """Grain map: record -> document, or None (filtered out) after counting a bad record."""
 
@@ -218,6 +240,7 @@ class ParseRecords:
         self._sources = dict(sources)
         self._kind = kind
         self.tracker = tracker
+        self._skipped: dict[str, int] = {}  # records out of score range since the last one read
 
     def __call__(self, record: Mapping) -> dict | None:
         name = record["source"]
@@ -226,5 +249,15 @@ class ParseRecords:
         except BadRecord as e:
             self.tracker.bad(name, record["loc"], str(e))
             return None
+        except OutOfScoreRange:
+            self._skipped[name] = skipped = self._skipped.get(name, 0) + 1
+            if skipped >= _MAX_SKIPPED_IN_A_ROW:
+                source = self._sources[name]
+                raise ValueError(
+                    f"Source {name!r}: {skipped} records in a row have {source.score_field} "
+                    f"outside [{source.min_score}, {source.max_score})"
+                ) from None
+            return None
+        self._skipped[name] = 0
         self.tracker.good(name)
         return doc

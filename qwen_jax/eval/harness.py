@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models import utils as model_utils
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from qwen_jax.checkpoint import model_io
+from qwen_jax.checkpoint import pretrained as pretrained_lib
 from qwen_jax.convert import hf as hf_convert
 from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.eval.scoring import Scorer
@@ -48,24 +48,6 @@ DEFAULT_BATCH_SIZE = 8
 # What transformers samples with when neither the task nor generation_config.json says.
 _HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 _SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
-
-
-def _is_hf_directory(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "config.json"))
-
-
-def load(pretrained: str, runtime: Runtime, placement: host_data.Placement):
-    """(model, config, the directory of its tokenizer files or None) from a Hugging Face
-    directory or a qwen_jax checkpoint, sharded by `placement`."""
-    directory = os.path.abspath(os.fspath(pretrained))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"pretrained={pretrained}: no such directory")
-    mesh, rules = placement.mesh, placement.rules
-    if _is_hf_directory(directory):
-        model = hf_convert.load_model(directory, runtime, mesh=mesh, rules=rules)
-        return model, model.config, directory
-    model = model_io.load_model(directory, runtime, mesh=mesh, rules=rules)
-    return model, model.config, model_io.tokenizer_dir(directory)
 
 
 def _stop_ids(directory: str, config: QwenConfig) -> list[int]:
@@ -134,8 +116,11 @@ class QwenJaxLM(TemplateLM):
 
         cli.parse_gin([mesh or cli.DEFAULT_MESH_FILE], [])
         placement = host_data.Placement(*configurables.mesh_and_rules())
-        model, config, tokenizer_dir = load(
-            pretrained, Runtime(dtype=dtype, param_dtype=dtype), placement
+        model, config, tokenizer_dir = pretrained_lib.load(
+            pretrained,
+            Runtime(dtype=dtype, param_dtype=dtype),
+            placement,
+            what=f"pretrained={pretrained}",
         )
         self.pretrained, self.dtype = pretrained, dtype
         self._setup(

@@ -4,7 +4,10 @@ on the synthetic corpus shipped with qwen_jax, on a laptop CPU.
   python -m qwen_jax.train.demo --workdir=/tmp/demo [--seed=0] [--gin_file=...] [--gin_param=...]
 
 Phases (each a `qwen_jax.train` run with its own gin file, in workdir/<phase>; extra --gin_file
-and --gin_param apply to every phase):
+and --gin_param apply to every training phase):
+  0. filter    configs/quality/demo.gin over the pre-training text with planted noise (character
+               soup, boilerplate, exact and near copies): deduplication and rule filters, into
+               workdir/data/filtered (its removed/ and summary.json show what went and why)
   1. pretrain  configs/demo/pretrain.gin: two stages, 400 steps of 128-token rows with RoPE
                theta 1e4, then 20 of 512-token rows with long documents and theta 1e6; names
                the demo tokenizer
@@ -45,7 +48,22 @@ def _data_bindings(paths: dict[str, str]) -> list[str]:
     return [f"{macro} = '{paths[name]}'" for macro, name in macros.items()]
 
 
-def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str]):
+def filter_text(raw_path: str, output_dir: str) -> dict:
+    """The quality recipe configs/quality/demo.gin over `raw_path` into `output_dir` (resumed, so
+    a second invocation only rewrites the report); its summary."""
+    import gin
+
+    from qwen_jax import configurables
+    from qwen_jax.data.quality import run as quality_run
+
+    gin.clear_config()
+    cli.parse_gin(
+        ["configs/quality/demo.gin"], [f"INPUT = '{raw_path}'", f"OUTPUT = '{output_dir}'"]
+    )
+    return quality_run.run_pipeline(configurables.QualityConfig())
+
+
+def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str], seed: int):
     """One `qwen_jax.train` run; the --gin_file/--gin_param flags apply to every phase."""
     import gin
 
@@ -55,7 +73,7 @@ def run_phase(name: str, gin_file: str, workdir: str, bindings: list[str]):
     gin.clear_config()
     cli.parse_gin(
         [gin_file, *cli.GIN_FILE.value],
-        [*bindings, f"setup.RunConfig.seed = {SEED.value}", *cli.GIN_PARAM.value],
+        [*bindings, f"setup.RunConfig.seed = {seed}", *cli.GIN_PARAM.value],
     )
     logging.info("demo phase %s -> %s", name, workdir)
     result = loop.train(os.path.join(workdir, name), configurables.train_setup())
@@ -137,6 +155,9 @@ def run_demo() -> None:
 
     workdir = os.path.abspath(WORKDIR.value)
     paths = demo_corpus.write_demo_data(os.path.join(workdir, "data"))
+    filtered = os.path.join(workdir, "data", "filtered")
+    quality = filter_text(paths[demo_corpus.RAW_PRETRAIN], filtered)
+    paths["pretrain.jsonl"] = os.path.join(filtered, "part-*.jsonl")
     data = _data_bindings(paths)
 
     pretrain = run_phase(
@@ -144,12 +165,21 @@ def run_demo() -> None:
         "configs/demo/pretrain.gin",
         workdir,
         data + [f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'"],
+        SEED.value,
     )
     sft = run_phase(
-        "sft", "configs/demo/sft.gin", workdir, data + [f"INIT_FROM = '{last_step_dir(pretrain)}'"]
+        "sft",
+        "configs/demo/sft.gin",
+        workdir,
+        data + [f"INIT_FROM = '{last_step_dir(pretrain)}'"],
+        SEED.value,
     )
     dpo = run_phase(
-        "dpo", "configs/demo/dpo.gin", workdir, data + [f"INIT_FROM = '{last_step_dir(sft)}'"]
+        "dpo",
+        "configs/demo/dpo.gin",
+        workdir,
+        data + [f"INIT_FROM = '{last_step_dir(sft)}'"],
+        SEED.value,
     )
     export(last_step_dir(dpo), os.path.join(workdir, "hf"))
     recall = pretrain_recall(last_step_dir(pretrain))
@@ -178,12 +208,18 @@ def run_demo() -> None:
             {
                 **results,
                 "pretrain_recall": recall,
+                "filter": {k: quality[k] for k in ("documents", "kept", "removed", "rules")},
                 "seed": SEED.value,
                 "steps": {"pretrain": pretrain.step, "sft": sft.step, "dpo": dpo.step},
             },
             f,
             indent=1,
         )
+    print(
+        f"filter: {quality['documents']} documents, {quality['kept']} kept; removed: "
+        + ", ".join(f"{rule} {n}" for rule, n in quality["rules"].items())
+        + f" ({filtered})"
+    )
     print(figures_table(results))
     print(
         "pre-trained model's recall of the demo world's questions (Q: ...\nA:, greedy): "

@@ -1,6 +1,7 @@
 """Weighted mixtures, the stage schedule, and the shipped gin data configs."""
 
 import collections
+import json
 import os
 
 import gin
@@ -102,3 +103,35 @@ def test_shipped_gin_data_configs_parse(path):
     for stage in stages:
         assert set(stage.mixture) <= set(sources)
         assert abs(sum(stage.mixture.values()) - 1.0) < 1e-6, stage
+
+
+def test_score_buckets_select_by_score_and_mix_by_weight(tmp_path):
+    """Sources over the same scored shards with adjacent score ranges are buckets: each reads
+    only its range (records outside are skipped, not bad; a record without the score is bad),
+    and the mixture weights them."""
+    path = tmp_path / "scored.jsonl"
+    records = [{"text": f"doc {i}", "quality_rating": (i % 50) / 10} for i in range(1000)]
+    records.append({"text": "unscored"})
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    high = Source("high", str(path), score_field="quality_rating", min_score=3.0)
+    low = Source("low", str(path), score_field="quality_rating", max_score=3.0)
+    tracker = BadRecordTracker({"high": 0.01, "low": 0.01})
+    finite = dict(seed=0, shard_index=0, shard_count=1, shuffle=False, tracker=tracker)
+    read = {
+        s.name: list(pipeline.document_dataset([s], None, "text", num_epochs=1, **finite))
+        for s in (high, low)
+    }
+    rating = {r["text"]: r.get("quality_rating") for r in records}
+    assert len(read["high"]) == 400 and all(rating[d["text"]] >= 3.0 for d in read["high"])
+    assert len(read["low"]) == 600 and all(rating[d["text"]] < 3.0 for d in read["low"])
+    assert tracker.scalars()["high/bad"] == tracker.scalars()["low/bad"] == 1  # no score
+    weights = {"high": 0.8, "low": 0.2}
+    mixed = iter(pipeline.document_dataset([high, low], weights, "text", num_epochs=None, **finite))
+    counts = collections.Counter(next(mixed)["source"] for _ in range(5000))
+    assert abs(counts["high"] / 5000 - 0.8) <= 0.02, counts
+
+
+def test_score_range_needs_a_score_field():
+    with pytest.raises(ValueError, match="score_field and a min_score"):
+        Source("s", "x.jsonl", min_score=3.0)
