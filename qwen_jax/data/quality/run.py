@@ -318,12 +318,12 @@ def run_pipeline(config: QualityConfig, placement: host_data.Placement | None = 
     _check_text_field(paths, config.text_field)
     identity = config.identity(paths)
     primary = jax.process_index() == 0
+    for stage in config.stages:  # a missing model fails before anything is written
+        stage.open(placement)
     os.makedirs(config.output, exist_ok=True)
     tally = _load_state(config, identity)
     for directory in (REMOVED, STATE_DIR):
         os.makedirs(os.path.join(config.output, directory), exist_ok=True)
-    for stage in config.stages:
-        stage.open(placement)
     records = _records(paths)
     for number, items in enumerate(_chunks(records, config.chunk_size)):
         if number < tally.chunks:

@@ -166,3 +166,13 @@ def test_bad_input_is_one_line(tmp_path, params, message):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("out/**/part-*"))  # nothing half-written
+
+
+def test_a_missing_model_is_one_line_and_nothing_is_written(tmp_path):
+    _corpus(tmp_path / "raw")
+    result = quality("REFERENCE_MODEL='ckpt/none'", readme_command=FULL, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: Perplexity.checkpoint=ckpt/none: no such directory", last
+    assert not (tmp_path / "scored").exists()
