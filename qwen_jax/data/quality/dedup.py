@@ -140,9 +140,7 @@ class NearDedup(StageDefaults):
         self._order: dict[str, int] = {}
         self._added: list[tuple[str, np.ndarray, np.ndarray]] = []
         # One MinHash object's permutations, shared by every signature (the same seed and size).
-        self._template = datasketch.MinHash(
-            num_perm=self.num_perm, seed=self.seed, hashfunc=_hash32
-        )
+        self._template = datasketch.MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=int)
 
     def _minhash(self, hashes: np.ndarray, hashvalues: np.ndarray | None = None):
         import datasketch
@@ -150,14 +148,12 @@ class NearDedup(StageDefaults):
         minhash = datasketch.MinHash(
             num_perm=self.num_perm,
             seed=self.seed,
-            hashfunc=_hash32,
+            hashfunc=int,  # the shingles arrive hashed to 32 bits: permuted as they are
             hashvalues=hashvalues,
             permutations=self._template.permutations,
             scheme=self._template.scheme,
         )
         if hashvalues is None:
-            # The shingles are hashed already: MinHash permutes the 32-bit values as they are.
-            minhash.hashfunc = int
             minhash.update_batch(hashes.tolist())
         return minhash
 

@@ -89,11 +89,15 @@ def _input_files(patterns: Sequence[str] | str) -> list[str]:
     return sources_lib.resolve_paths(source)
 
 
+def _file_records(path: str) -> sources_lib.RecordSource:
+    source = Source("input", [path], format=sources_lib.format_of(path))
+    return sources_lib.RecordSource(source, paths=[path])
+
+
 def _records(paths: Sequence[str]) -> Iterator[tuple[str, Any]]:
     """(location, raw record) of every input record, file after file."""
     for path in paths:
-        source = Source("input", [path], format=sources_lib.format_of(path))
-        records = sources_lib.RecordSource(source, paths=[path])
+        records = _file_records(path)
         for i in range(len(records)):
             item = records[i]
             yield item["loc"], item["value"]
@@ -103,8 +107,7 @@ def _check_text_field(paths: Sequence[str], text_field: str) -> None:
     """Fails, naming the file and the fields it has, when a file's first record (if it parses)
     has no `text_field`: a wrong field name would otherwise remove every document."""
     for path in paths:
-        source = Source("input", [path], format=sources_lib.format_of(path))
-        for loc, value in sources_lib.RecordSource(source, paths=[path]).first_records():
+        for loc, value in _file_records(path).first_records():
             try:
                 obj = as_object(value)
             except BadRecord:
