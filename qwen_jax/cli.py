@@ -127,7 +127,13 @@ def gin_message(error: BaseException) -> str:
             f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} required: set with "
             + " ".join(f"--gin_param={n}=..." for n in names)
         )
-    return "gin: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+    message = "gin: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if "No configurable matching" in text:  # e.g. a reward function nobody registered
+        message += (
+            " (a function or class of your own must be registered with "
+            "gin.external_configurable in a module the gin file imports)"
+        )
+    return message
 
 
 def _unbound(error: BaseException) -> bool:

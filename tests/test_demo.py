@@ -105,6 +105,27 @@ def test_demo_figures_rise_on_held_out_data(demo):
     assert after < 0.25 * before, (before, after)
 
 
+# The GRPO stage on seeds 0, 1, 2 (docs/results.md, "The demo"): mean sampled reward of the first
+# -> last five logged steps 0.598 -> 0.677, 0.786 -> 0.942, 0.384 -> 0.637 (worst rise +0.08);
+# greedy exact match on the arithmetic questions it trains on 0.64 -> 0.81, 0.93 -> 0.98,
+# 0.55 -> 0.69 (worst +0.05). Held-out exact match (recorded, not asserted: the tiny model
+# transfers little to questions it never trained on) 0.38 -> 0.49, 0.44 -> 0.50, 0.31 -> 0.25.
+def test_demo_grpo_learns_from_its_own_samples(demo):
+    workdir, stdout = demo
+    assert "GRPO exact match" in stdout
+    rewards = [r["reward"] for r in _records(workdir / "grpo")]
+    assert len(rewards) >= 10
+    assert np.mean(rewards[-5:]) - np.mean(rewards[:5]) >= 0.02, rewards
+    results = json.loads((workdir / "demo_results.json").read_text())
+    before, after = results["grpo_trained_questions"]
+    assert after >= before, (before, after)
+    assert all(0 <= x <= 1 for x in results["grpo_exact_match"])
+
+
+def _records(run_dir):
+    return [r for _, r in sorted(runs.train_records(run_dir).items())]
+
+
 def test_demo_export_loads_in_transformers_with_the_same_greedy_output(demo):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -116,8 +137,8 @@ def test_demo_export_loads_in_transformers_with_the_same_greedy_output(demo):
     workdir, _ = demo
     tokenizer = Tokenizer.from_file(DEMO_TOKENIZER)
     prompt = np.asarray([tokenizer.encode("The capital of")], np.int32)
-    steps = runs.checkpoint_steps(workdir / "dpo")
-    ours = model_io.load_model(workdir / "dpo" / "checkpoints" / str(steps[-1]))
+    steps = runs.checkpoint_steps(workdir / "grpo")
+    ours = model_io.load_model(workdir / "grpo" / "checkpoints" / str(steps[-1]))
     tokens, _ = generate(
         ours, prompt, np.ones_like(prompt), max_new_tokens=12, stop_tokens=(10_000,)
     )  # an id outside the vocab: never stops early

@@ -1,7 +1,7 @@
 """What a user does with a published checkpoint, through the README's commands verbatim (plus
 step and length overrides): import a transformers Qwen2 directory that ships the real Qwen2.5
-tokenizer and chat template, SFT on TRL-format conversations, DPO on TRL-format pairs, export, and
-check the result with transformers alone."""
+tokenizer and chat template, SFT on TRL-format conversations, DPO on TRL-format pairs, GRPO on
+TRL-format prompts, export, and check the result with transformers alone."""
 
 import json
 import shutil
@@ -44,7 +44,7 @@ TOPICS = [
     "ink",
     "bridges",
 ]
-SFT_STEPS, DPO_STEPS = 40, 30
+SFT_STEPS, DPO_STEPS, GRPO_STEPS = 40, 30, 3
 # A Qwen2.5-Instruct checkpoint's generation_config.json (stop ids and padding).
 GENERATION_CONFIG = {
     "bos_token_id": 151643,
@@ -131,6 +131,16 @@ def work(tmp_path_factory, qwen_tokenizer_path):
         ),
         data / "pairs_eval.parquet",
     )
+    # GRPO prompts: messages in Parquet (with the answer ExactMatch reads), strings in JSONL.
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"prompt": [_user(q)], "answer": CHOSEN} for q in _questions(1400, 16)]
+        ),
+        data / "prompts.parquet",
+    )
+    _write_jsonl(
+        data / "prompts_eval.jsonl", [{"prompt": q, "answer": CHOSEN} for q in _questions(700, 4)]
+    )
     return work
 
 
@@ -162,6 +172,17 @@ def flow(work):
     )
     readme.run(
         export, work, f"--checkpoint=runs/dpo/checkpoints/{DPO_STEPS}", "--output_dir=hf/dpo"
+    )
+    readme.run(
+        readme.command("python -m qwen_jax.train --gin_file=configs/grpo.gin"),
+        work,
+        f"--gin_param=INIT_FROM='runs/dpo/checkpoints/{DPO_STEPS}'",
+        "--gin_param=PROMPTS='data/prompts.parquet'",
+        f"--gin_param=GRPO_STEPS={GRPO_STEPS}",
+        "--gin_param=BATCH_SIZE=2",
+        "--gin_param=MAX_PROMPT_LEN=64",
+        "--gin_param=MAX_NEW_TOKENS=8",
+        "--gin_param=grpo.GRPOConfig.num_generations=4",
     )
     (work / "sft.log").write_text(sft.stderr)
     return work
@@ -238,6 +259,22 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected_on_held_out_pairs(flow):
     )
     assert np.all(after > before), (before, after)
     assert after.mean() > before.mean() + 1.0, (before.mean(), after.mean())
+
+
+def test_grpo_samples_the_imported_checkpoints_chat_and_logs_trl_metrics(flow):
+    """GRPO from the DPO step with the checkpoint's own tokenizer and chat template: the
+    exact-match reward reads the Parquet records' `answer`, and the evaluation scores the JSONL
+    prompts' greedy completions."""
+    run_dir = flow / "runs" / "grpo"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert train[-1]["step"] == GRPO_STEPS and evals[-1]["step"] == GRPO_STEPS
+    assert 0 <= train[-1]["rewards/exact_match/mean"] <= 1
+    assert 0 < train[-1]["completions/mean_length"] <= 8  # MAX_NEW_TOKENS
+    assert 0 <= evals[-1]["rewards/exact_match"] <= 1
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["task"] == "grpo" and run["tokenizer"]["vocab_size"] == 151665
 
 
 def test_the_demo_tokenizer_is_refused_for_the_imported_checkpoint(flow):

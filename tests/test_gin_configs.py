@@ -1,4 +1,4 @@
-"""Every shipped gin file (training, lm-eval, data quality) parses: names, imports and includes resolve."""
+"""Every shipped gin file (training, GRPO, lm-eval, data quality) parses: names, imports and includes resolve."""
 
 import glob
 import os
@@ -18,6 +18,7 @@ FILES = sorted(
         "configs/demo/*.gin",
         "configs/sft.gin",
         "configs/dpo.gin",
+        "configs/grpo.gin",
         "configs/lm_eval.gin",
         "configs/quality/*.gin",
     )

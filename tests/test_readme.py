@@ -98,7 +98,7 @@ def test_bench_data():
 
 def test_bench_step():
     result = readme.run(
-        readme.command("python -m qwen_jax.bench.step"),
+        readme.command("python -m qwen_jax.bench.step --gin_file"),
         readme.REPO_ROOT,
         "--gin_file=configs/demo/model.gin",
         "--seq_len=64",
@@ -106,6 +106,21 @@ def test_bench_step():
         "--steps=2",
     )
     assert json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
+
+
+def test_bench_grpo_step():
+    result = readme.run(
+        readme.command("python -m qwen_jax.bench.step --grpo_new_tokens"),
+        readme.REPO_ROOT,
+        "--grpo_new_tokens=8",
+        "--gin_file=configs/demo/model.gin",
+        "--seq_len=32",
+        "--batch=8",
+        "--steps=2",
+        "--grpo_generations=4",
+    )
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["generated_tokens_per_s"] > 0 and 0 < figures["generate_share"] < 1
 
 
 def test_pretrain_in_stages(corpus_dir, qwen_tokenizer_path, tmp_path):

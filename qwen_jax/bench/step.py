@@ -3,6 +3,11 @@
     python -m qwen_jax.bench.step --gin_file=configs/models/qwen2_5_0_5b.gin \
         --seq_len=4096 --batch=8 --steps=10
 
+With `--grpo_new_tokens=N`, a GRPO step instead: `--batch` rows (`--grpo_generations` per
+prompt) of `seq_len - N` prompt tokens each sample N new tokens with the KV-cache decoder from
+the current parameters (no stop token, so every row generates all N), then the GRPO update on
+those rows; it prints generated tokens/s and the share of the step spent generating.
+
 Runs the real sharded train step (forward, backward, AdamW update) on synthetic packed batches,
 with bf16 compute over fp32 master weights and the mesh from `configs/mesh/rules.gin` (FSDP over
 all local devices unless `--gin_param` says otherwise). Prints one JSON line.
@@ -23,10 +28,13 @@ from qwen_jax import cli
 from qwen_jax.model.config import QwenConfig, model_flops_per_token
 from qwen_jax.model.layers import Runtime
 from qwen_jax.model.transformer import Qwen2ForCausalLM
+from qwen_jax.model.generate import Sampling, generate
 from qwen_jax.parallel import mesh as mesh_lib
+from qwen_jax.train import grpo
 from qwen_jax.train import metrics as metrics_lib
 from qwen_jax.train import optimizer as optimizer_lib
 from qwen_jax.train.state import create_train_state
+from qwen_jax.train.grpo_task import completion_rows
 from qwen_jax.train.step import lm_loss_fn, make_train_step
 
 
@@ -95,6 +103,92 @@ def run(config: QwenConfig, runtime: Runtime, mesh, rules, *, seq_len: int, batc
     }
 
 
+def run_grpo(
+    config: QwenConfig,
+    runtime: Runtime,
+    mesh,
+    rules,
+    *,
+    seq_len: int,
+    batch: int,
+    new_tokens: int,
+    generations: int,
+    steps: int,
+):
+    """Rollout (sampling) and update times of GRPO steps on random prompts."""
+    if not 0 < new_tokens < seq_len or batch % generations:
+        raise ValueError("--grpo_new_tokens must be in (0, seq_len); --batch a multiple of G")
+    optimizer, _ = optimizer_lib.make_optimizer(schedule=optimizer_lib.constant(1e-6))
+    state, graphdef, shardings = create_train_state(
+        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0)), optimizer, mesh, rules
+    )
+    rng = np.random.default_rng(0)
+    prompt_len = seq_len - new_tokens
+    prompts = np.repeat(
+        rng.integers(0, config.vocab_size, (batch // generations, prompt_len), dtype=np.int32),
+        generations,
+        axis=0,
+    )
+    prompt_mask = np.ones_like(prompts)
+    loss_fn = grpo.make_grpo_loss_fn(
+        grpo.GRPOConfig(num_generations=generations),
+        max_completion_length=new_tokens,
+        temperature=1.0,
+        chunk_size=min(seq_len, 1024),
+    )
+    shapes = {k: jax.ShapeDtypeStruct((batch, seq_len), np.int32) for k in ("inputs", "targets")}
+    shapes.update(
+        positions=shapes["inputs"],
+        segment_ids=shapes["inputs"],
+        completion_mask=jax.ShapeDtypeStruct((batch, seq_len), np.float32),
+        advantages=jax.ShapeDtypeStruct((batch,), np.float32),
+    )
+    batch_shardings = mesh_lib.batch_shardings(mesh, rules, shapes)
+    train_step = make_train_step(
+        graphdef,
+        loss_fn,
+        optimizer,
+        mesh=mesh,
+        rules=rules,
+        state_shardings=shardings,
+        batch_shardings=batch_shardings,
+    )
+    never = config.vocab_size  # an id no sampler draws: every row generates all its tokens
+    timings = []
+    for step in range(steps + 1):  # the first compiles
+        start = time.perf_counter()
+        tokens, lengths = generate(
+            nnx.merge(graphdef, state.params),
+            prompts,
+            prompt_mask,
+            max_new_tokens=new_tokens,
+            stop_tokens=(never,),
+            sampling=Sampling(temperature=1.0),
+            rng=jax.random.key(step),
+        )
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        generated = time.perf_counter()
+        rows = completion_rows(prompts, prompt_mask, tokens, lengths, pad_id=0)
+        rows["advantages"] = rng.normal(size=batch).astype(np.float32)
+        state, metrics = train_step(state, jax.device_put(rows, batch_shardings))
+        jax.block_until_ready(metrics)
+        timings.append((generated - start, time.perf_counter() - generated))
+    generate_s, update_s = np.mean(timings[1:], axis=0)
+    return {
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "dtype": runtime.dtype,
+        "rows": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "generate_s": round(float(generate_s), 4),
+        "update_s": round(float(update_s), 4),
+        "generated_tokens_per_s": round(batch * new_tokens / float(generate_s)),
+        "generate_share": round(float(generate_s / (generate_s + update_s)), 3),
+    }
+
+
 def main() -> None:
     from qwen_jax import configurables
 
@@ -105,15 +199,17 @@ def main() -> None:
         defaults=["include 'configs/mesh/rules.gin'", "layers.Runtime.dtype = 'bfloat16'"],
     )
     mesh, rules = configurables.mesh_and_rules()
-    figures = run(
-        configurables.QwenConfig(),
-        configurables.Runtime(),
-        mesh,
-        rules,
-        seq_len=FLAGS.seq_len,
-        batch=FLAGS.batch,
-        steps=FLAGS.steps,
-    )
+    common = dict(seq_len=FLAGS.seq_len, batch=FLAGS.batch, steps=FLAGS.steps)
+    model = (configurables.QwenConfig(), configurables.Runtime(), mesh, rules)
+    if FLAGS.grpo_new_tokens:
+        figures = run_grpo(
+            *model,
+            new_tokens=FLAGS.grpo_new_tokens,
+            generations=FLAGS.grpo_generations,
+            **common,
+        )
+    else:
+        figures = run(*model, **common)
     print(json.dumps(figures))
 
 
@@ -121,5 +217,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seq_len", 4096, "tokens per row")
     flags.DEFINE_integer("batch", 8, "rows per step (global)")
     flags.DEFINE_integer("steps", 10, "timed steps after the compiling one")
+    flags.DEFINE_integer("grpo_new_tokens", 0, "time a GRPO step sampling this many tokens")
+    flags.DEFINE_integer("grpo_generations", 8, "GRPO completions per prompt")
     FLAGS = flags.FLAGS
     app.run(lambda argv: sys.exit(cli.run(main, argv)))

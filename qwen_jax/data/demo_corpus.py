@@ -278,6 +278,19 @@ def preference_records(
         yield {"prompt": question, "chosen": sentence_answer(answer), "rejected": rejected}
 
 
+def grpo_prompt_records(
+    seed: int, n: int, world: list[Country], held_out: bool = False
+) -> Iterator[dict]:
+    """Arithmetic questions in TRL's prompt-only format with the answer the exact-match reward
+    reads: {"prompt": "What is 3 + 4?", "answer": "7"}; held-out prompts ask questions no
+    training prompt asks."""
+    del world
+    rng = random.Random(seed)
+    for _ in range(n):
+        question, answer, _ = _question(rng, [], held_out, arithmetic_only=True)
+        yield {"prompt": question, "answer": answer}
+
+
 # File name -> (generator, number of records, seed offset, extra arguments). Every split has its
 # own seed stream; chat and preference eval splits ask only held-out arithmetic questions (the
 # ~1M-parameter model learns the arithmetic in pre-training, not the country facts: measured in
@@ -290,6 +303,8 @@ _SPLITS = {
     "chat_eval.jsonl": (chat_records, 100, 5, {"held_out": True, "arithmetic_only": True}),
     "preference_train.jsonl": (preference_records, 1000, 6, {}),
     "preference_eval.jsonl": (preference_records, 100, 7, {"held_out": True}),
+    "grpo_prompts.jsonl": (grpo_prompt_records, 1000, 9, {}),
+    "grpo_eval.jsonl": (grpo_prompt_records, 100, 10, {"held_out": True}),
 }
 
 

@@ -2,13 +2,15 @@
 
 A document is one of: `{"text": str}` or `{"tokens": int array}` (pre-training),
 `{"messages": [...]}` (SFT), `{"prompt": str | messages, "chosen": str, "rejected": str}` (DPO),
-each with its `"source"` and `"loc"`.
+`{"prompt": str | messages, "fields": {...}}` (GRPO prompts, with the record's other fields for
+the reward functions), each with its `"source"` and `"loc"`.
 
 Chat and preference records come in the formats users already have (TRL's dataset formats):
   SFT   conversational   {"messages": [{"role": "user", "content": ...}, ...]}
         prompt-completion {"prompt": str | messages, "completion": str | messages}
   DPO   explicit prompt  {"prompt": str | messages, "chosen": str | messages, "rejected": ...}
         implicit prompt  {"chosen": messages, "rejected": messages}, sharing a prefix (the prompt)
+  GRPO  prompt-only      {"prompt": str | messages, ...fields the reward functions read}
 A string prompt is one user turn and a string completion one assistant turn, both rendered with
 the chat template (TRL would leave plain strings unrendered; here every SFT/DPO record is a chat).
 `check_format` names the file and the fields it saw when a file's first record is in none of them.
@@ -17,7 +19,7 @@ the chat template (TRL would leave plain strings unrendered; here every SFT/DPO 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,7 @@ from qwen_jax.data.config import Source
 
 TOKEN_DTYPE = np.dtype("<u4")  # prepared ArrayRecord shards: little-endian uint32 ids
 
-KINDS = ("text", "messages", "preference")
+KINDS = ("text", "messages", "preference", "prompt")
 
 
 def preference_keys(source: Source) -> list[str]:
@@ -50,6 +52,8 @@ class OutOfScoreRange(Exception):
 
 def columns(source: Source, kind: str) -> list[str]:
     """The record keys a document of `kind` may need (Parquet reads only these columns)."""
+    if kind == "prompt":
+        return []  # every field: reward functions may read any of them
     if kind == "preference":
         keys = preference_keys(source)
     elif kind == "messages":
@@ -79,9 +83,15 @@ def _format_keys(source: Source, kind: str) -> list[tuple[str, ...]]:
     return [(source.field,)]
 
 
-def check_format(source: Source, kind: str, first_records: Iterable[tuple[str, Any]]) -> None:
+def check_format(
+    source: Source,
+    kind: str,
+    first_records: Iterable[tuple[str, Any]],
+    required: Mapping[str, str] | None = None,
+) -> None:
     """Fails, naming the file and the fields seen, when the first record of a file is an object
-    in none of `kind`'s formats (a malformed first record is left to the bad-record count)."""
+    in none of `kind`'s formats, or lacks a field of `required` ({field: who reads it}); a
+    malformed first record is left to the bad-record count."""
     formats = _format_keys(source, kind)
     for loc, value in first_records:
         try:
@@ -94,6 +104,12 @@ def check_format(source: Source, kind: str, first_records: Iterable[tuple[str, A
                 f"{loc}: unknown {kind} data format: the record has fields "
                 f"{sorted(obj)}; expected {expected}"
             )
+        for field, reader in (required or {}).items():
+            if field not in obj:
+                raise ValueError(
+                    f"{loc}: the record has no field {field!r}, which {reader} reads (it has "
+                    f"fields {sorted(obj)})"
+                )
 
 
 def as_object(value: Any) -> Mapping:
@@ -160,8 +176,9 @@ def _response(obj: Mapping, key: str, prompt_turns: int = 0) -> str:
     return value
 
 
-def parse(record: Mapping, source: Source, kind: str) -> dict:
-    """The document in `record`; BadRecord with the reason, or OutOfScoreRange."""
+def parse(record: Mapping, source: Source, kind: str, required: Sequence[str] = ()) -> dict:
+    """The document in `record`; BadRecord with the reason, or OutOfScoreRange. `required`:
+    fields a prompt record must have."""
     value = record["value"]
     doc = {"source": record["source"], "loc": record["loc"]}
     if source.field == "tokens":
@@ -191,6 +208,8 @@ def parse(record: Mapping, source: Source, kind: str) -> dict:
             messages = _get(obj, source.field)
         chat.check_messages(messages)
         return {**doc, "messages": messages}
+    if kind == "prompt":
+        return {**doc, **_prompt(obj, source.field, required)}
     prompt_key, chosen_key, rejected_key = preference_keys(source)
     if prompt_key not in obj:
         return {**doc, **_implicit_prompt(obj, chosen_key, rejected_key)}
@@ -205,6 +224,29 @@ def parse(record: Mapping, source: Source, kind: str) -> dict:
         "chosen": _response(obj, chosen_key),
         "rejected": _response(obj, rejected_key),
     }
+
+
+def _prompt(obj: Mapping, key: str, required: Sequence[str]) -> dict:
+    prompt = _get(obj, key)
+    if isinstance(prompt, list):
+        chat.check_messages(prompt)
+    elif not isinstance(prompt, str) or not prompt.strip():
+        raise BadRecord(f"bad field: {key!r} is empty or not a string/messages")
+    for field in required:
+        _get(obj, field)
+    fields = {k: _plain(v) for k, v in obj.items() if k != key}
+    return {"prompt": prompt, "fields": fields}
+
+
+def _plain(value: Any) -> Any:
+    """A record value as JSON would hold it (Parquet gives numpy arrays and bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _implicit_prompt(obj: Mapping, chosen_key: str, rejected_key: str) -> dict:
@@ -234,18 +276,25 @@ _MAX_SKIPPED_IN_A_ROW = 100_000
 class ParseRecords:
     """Grain map: record -> document, or None (filtered out) after counting a bad record."""
 
-    def __init__(self, sources: Mapping[str, Source], kind: str, tracker: BadRecordTracker):
+    def __init__(
+        self,
+        sources: Mapping[str, Source],
+        kind: str,
+        tracker: BadRecordTracker,
+        required: Sequence[str] = (),
+    ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self._sources = dict(sources)
         self._kind = kind
+        self._required = tuple(required)
         self.tracker = tracker
         self._skipped: dict[str, int] = {}  # records out of score range since the last one read
 
     def __call__(self, record: Mapping) -> dict | None:
         name = record["source"]
         try:
-            doc = parse(record, self._sources[name], self._kind)
+            doc = parse(record, self._sources[name], self._kind, self._required)
         except BadRecord as e:
             self.tracker.bad(name, record["loc"], str(e))
             return None

@@ -4,11 +4,13 @@ Pre-training documents are framed as `<|endoftext|> doc <|endoftext|>`, then shi
 document token and the closing `<|endoftext|>` are targets, each document opens with the
 separator as its first input, and packed rows therefore read `EOS doc1 EOS doc2 ...` with the
 separator between documents. Chat examples are the rendered conversation shifted by one, with
-the loss mask carried from `render_chat`. DPO pairs are built whole, one pair per row.
+the loss mask carried from `render_chat`. DPO pairs are built whole, one pair per row; GRPO
+prompts are rendered up to the generation prompt and left-padded, for the decoder.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -169,3 +171,33 @@ class PreferenceToExample:
             out["reference_chosen_logps"] = np.float32(chosen)
             out["reference_rejected_logps"] = np.float32(rejected)
         return out
+
+
+class PromptToExample:
+    """Grain map: prompt document -> `prompt_ids` and `prompt_mask` [max_prompt_len], the ChatML
+    prompt up to `<|im_start|>assistant\n` (a string prompt is one user turn), its last
+    `max_prompt_len` tokens left-padded; and `record`, the document as JSON (prompt, location
+    and fields), which the reward functions read after sampling."""
+
+    def __init__(self, tokenizer: Tokenizer, max_prompt_len: int, system_prompt: str | None):
+        self._tokenizer = tokenizer
+        self._max_prompt_len = max_prompt_len
+        self._system_prompt = system_prompt
+
+    def __call__(self, doc: dict) -> dict[str, np.ndarray]:
+        ids, _ = chat.render_chat(
+            chat.prompt_messages(doc["prompt"]),
+            self._tokenizer,
+            add_generation_prompt=True,
+            system_prompt=self._system_prompt,
+        )
+        ids = ids[-self._max_prompt_len :]
+        pad = self._max_prompt_len - len(ids)
+        record = {"prompt": doc["prompt"], "loc": doc["loc"], "fields": doc["fields"]}
+        return {
+            "prompt_ids": np.pad(ids, (pad, 0), constant_values=self._tokenizer.pad_id).astype(
+                np.int32
+            ),
+            "prompt_mask": (np.arange(self._max_prompt_len) >= pad).astype(np.int32),
+            "record": np.asarray(json.dumps(record, ensure_ascii=False)),
+        }

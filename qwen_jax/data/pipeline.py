@@ -1,4 +1,4 @@
-"""Input pipelines for pre-training (staged mixtures), SFT and DPO, built from Grain datasets.
+"""Input pipelines for pre-training (staged mixtures), SFT, DPO and GRPO prompts, from Grain.
 
 Every iterator yields dicts of numpy arrays for this host and implements Grain's
 `get_state()`/`set_state()` (JSON-serializable), so the trainer stores it beside the model
@@ -105,12 +105,14 @@ def document_dataset(
     shuffle: bool,
     tracker: BadRecordTracker,
     read_threads: int = 2,
+    required: Mapping[str, str] | None = None,
 ) -> grain.IterDataset:
-    """Parsed documents of `sources` (each tagged with its "source"), mixed by `weights`."""
+    """Parsed documents of `sources` (each tagged with its "source"), mixed by `weights`.
+    `required`: {field: who reads it}, fields every prompt record must have."""
     by_name = {s.name: s for s in sources}
     if len(by_name) != len(sources):
         raise ValueError(f"Source names must be unique: {[s.name for s in sources]}")
-    parse = documents.ParseRecords(by_name, kind, tracker)
+    parse = documents.ParseRecords(by_name, kind, tracker, tuple(required or ()))
     streams = {}
     for source in sources:
         reading = dict(
@@ -128,7 +130,7 @@ def document_dataset(
             ds = sources_lib.record_dataset(
                 source,
                 columns=documents.columns(source, kind),
-                check=functools.partial(documents.check_format, source, kind),
+                check=functools.partial(documents.check_format, source, kind, required=required),
                 **reading,
             )
             # Grain's read prefetch costs O(buffer) per element; a short buffer hides local-disk
@@ -301,10 +303,13 @@ def _record_batches(
     prefetch: int = 2,
     for_eval: bool = False,
     min_records_for_bad_check: int = 1000,
+    required: Mapping[str, str] | None = None,
+    drop_remainder: bool = False,
 ) -> grain.DatasetIterator:
-    """What the SFT and DPO pipelines share: this host's parsed records with bad-record
+    """What the SFT, DPO and GRPO pipelines share: this host's parsed records with bad-record
     accounting, `to_rows(records, per_host_batch)`, then batches. `for_eval`: one unshuffled
-    pass, the last batch padded."""
+    pass, the last batch padded (unless `drop_remainder`: the last batch of each pass is
+    dropped when it is short)."""
     if for_eval:
         num_epochs = 1
     shard_index, shard_count = _shard(shard_index, shard_count)
@@ -322,8 +327,10 @@ def _record_batches(
         num_epochs=num_epochs,
         shuffle=not for_eval,
         tracker=tracker,
+        required=required,
     )
-    ds = _batched(to_rows(ds, per_host), per_host, finite=num_epochs is not None)
+    finite = num_epochs is not None and not drop_remainder
+    ds = _batched(to_rows(ds, per_host), per_host, finite=finite)
     return TrackedIterator(iter(_finish(ds, worker_count, 0 if for_eval else prefetch)), tracker)
 
 
@@ -422,6 +429,44 @@ def dpo_iterator(
         num_epochs=num_epochs,
         **reading,
     )
+
+
+def prompt_iterator(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    max_prompt_len: int,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
+    required: Mapping[str, str] | None = None,
+    **reading,
+) -> grain.DatasetIterator:
+    """GRPO prompts, `batch_size` per step (whole batches only): `prompt_ids` and
+    `prompt_mask` [b, max_prompt_len] left-padded (`examples.PromptToExample`), and `record`,
+    the prompt record as JSON for the reward functions. `required`: {field: the reward
+    function that reads it}; `reading`: as for `sft_iterator`."""
+    to_example = examples.PromptToExample(tokenizer, max_prompt_len, system_prompt)
+    return _record_batches(
+        _as_sources(source, "prompt"),
+        None,
+        "prompt",
+        "prompt_iterator",
+        lambda records, _: records.map(to_example),
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        required=required,
+        drop_remainder=True,
+        **reading,
+    )
+
+
+def prompt_documents(source) -> Iterator[dict]:
+    """Every parsed prompt record of `source` in file order, on this host (held-out prompts)."""
+    for src in _as_sources(source, "prompt"):
+        yield from _whole_source(src, "prompt")
 
 
 def preference_documents(source) -> Iterator[dict]:

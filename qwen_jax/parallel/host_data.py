@@ -7,7 +7,8 @@ only the rows its own devices hold. Rows enter in one of two ways:
 - `Placement.from_everyone`: every process can build any row (held-out sets small enough to read
   whole on every host); each builds only the rows its devices hold, so the work is split across
   processes while the result is the same as one process's.
-`to_host` reads a global result back whole on every process.
+`to_host` reads a global result back whole on every process, `local_rows` the rows this process
+supplied.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """The rows of a global batch array that this process supplied (`Placement.from_local`)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    sharding = x.sharding
+    return np.asarray(
+        multihost_utils.global_array_to_host_local_array(x, sharding.mesh, sharding.spec)
+    )
 
 
 def same_count(batches: Iterable[Rows]) -> Iterator[Rows]:
@@ -82,8 +93,8 @@ class Placement:
             k: mesh_lib.batch_sharding(self.mesh, self.rules, v.shape[0]) for k, v in shapes.items()
         }
 
-    def from_local(self, rows: Rows) -> dict[str, jax.Array]:
-        shardings = self.shardings(global_shapes(rows))
+    def from_local(self, rows: Rows, *, split_length: bool = True) -> dict[str, jax.Array]:
+        shardings = self.shardings(global_shapes(rows), split_length=split_length)
         return {
             k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
             for k, v in rows.items()

@@ -1,5 +1,5 @@
-"""The embedded end-to-end demo: pre-train, SFT, DPO and export a tiny Qwen2.5-architecture model
-on the synthetic corpus shipped with qwen_jax, on a laptop CPU.
+"""The embedded end-to-end demo: pre-train, SFT, DPO, GRPO and export a tiny Qwen2.5-architecture
+model on the synthetic corpus shipped with qwen_jax, on a laptop CPU.
 
   python -m qwen_jax.train.demo --workdir=/tmp/demo [--seed=0] [--gin_file=...] [--gin_param=...]
 
@@ -13,9 +13,11 @@ and --gin_param apply to every training phase):
                the demo tokenizer
   2. sft       configs/demo/sft.gin, from the last pre-training step (and its tokenizer)
   3. dpo       configs/demo/dpo.gin, from the last SFT step (also the frozen reference)
-  4. export    workdir/hf: a Hugging Face checkpoint with the tokenizer that travelled along
+  4. grpo      configs/demo/grpo.gin, from the last DPO step: online RL on arithmetic prompts
+               with the exact-match reward, completions sampled from the policy being trained
+  5. export    workdir/hf: a Hugging Face checkpoint with the tokenizer that travelled along
 It ends with a table of before/after figures, also written to workdir/demo_results.json, with
-the pre-trained model's recall of the demo world's questions. About 6 minutes on 2 CPU cores.
+the pre-trained model's recall of the demo world's questions. About 8 minutes on 2 CPU cores.
 A phase already completed in the workdir resumes (and so is skipped) on a second invocation.
 """
 
@@ -44,6 +46,8 @@ def _data_bindings(paths: dict[str, str]) -> list[str]:
         "CHAT_EVAL": "chat_eval.jsonl",
         "PREFERENCE_TRAIN": "preference_train.jsonl",
         "PREFERENCE_EVAL": "preference_eval.jsonl",
+        "GRPO_PROMPTS": "grpo_prompts.jsonl",
+        "GRPO_EVAL": "grpo_eval.jsonl",
     }
     return [f"{macro} = '{paths[name]}'" for macro, name in macros.items()]
 
@@ -128,6 +132,38 @@ def pretrain_recall(step_dir: str) -> dict[str, float]:
     return recall
 
 
+def chat_arithmetic(step_dir: str, system_prompt: str) -> dict[str, float]:
+    """Greedy exact match (final number) of a chat model on every arithmetic question of the
+    demo world asked as a user turn, split into the questions the chat splits train on and the
+    held-out ones (`demo_corpus.is_held_out`), each question counted once."""
+    import numpy as np
+
+    from qwen_jax.checkpoint import model_io
+    from qwen_jax.data import chat, demo_corpus
+    from qwen_jax.data.tokenizer import Tokenizer
+    from qwen_jax.train.evaluation import greedy_answers
+    from qwen_jax.train.rewards import ExactMatch
+
+    model = model_io.load_model(step_dir)
+    tokenizer = Tokenizer.from_file(
+        os.path.join(model_io.tokenizer_dir(step_dir), "tokenizer.json")
+    )
+    questions = demo_corpus.recall_questions(demo_corpus.make_world())["arithmetic"]
+    prompts = [
+        chat.render_chat(
+            [{"role": "user", "content": q}],
+            tokenizer,
+            add_generation_prompt=True,
+            system_prompt=system_prompt,
+        )[0]
+        for q, _ in questions
+    ]
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=4)
+    right = np.asarray(ExactMatch()(None, answers, answer=[a for _, a in questions]))
+    held_out = np.asarray([demo_corpus.is_held_out(q) for q, _ in questions])
+    return {"trained": float(right[~held_out].mean()), "held_out": float(right[held_out].mean())}
+
+
 def figures_table(results: dict) -> str:
     rows = [
         ("pre-training loss (first -> last logged)", "pretrain_loss"),
@@ -137,6 +173,8 @@ def figures_table(results: dict) -> str:
         ("DPO preference accuracy (policy log p chosen > rejected)", "dpo_preference_accuracy"),
         ("DPO greedy answer == chosen", "dpo_greedy_chosen_rate"),
         ("DPO eval rewards/accuracies (TRL)", "dpo_rewards_accuracies"),
+        ("GRPO exact match, held-out arithmetic (greedy)", "grpo_exact_match"),
+        ("GRPO exact match, the arithmetic questions it trains on", "grpo_trained_questions"),
     ]
     lines = [f"{'figure':60s} {'before':>8s} {'after':>8s}"]  # held-out data unless named
     for label, key in rows:
@@ -181,8 +219,17 @@ def run_demo() -> None:
         data + [f"INIT_FROM = '{last_step_dir(sft)}'"],
         SEED.value,
     )
-    export(last_step_dir(dpo), os.path.join(workdir, "hf"))
+    grpo = run_phase(
+        "grpo",
+        "configs/demo/grpo.gin",
+        workdir,
+        data + [f"INIT_FROM = '{last_step_dir(dpo)}'"],
+        SEED.value,
+    )
+    export(last_step_dir(grpo), os.path.join(workdir, "hf"))
     recall = pretrain_recall(last_step_dir(pretrain))
+    system_prompt = demo_corpus.DEMO_SYSTEM_PROMPT
+    arithmetic = [chat_arithmetic(last_step_dir(r), system_prompt) for r in (dpo, grpo)]
 
     curve = _train_losses(pretrain.workdir)
     results = {
@@ -202,15 +249,27 @@ def run_demo() -> None:
             dpo.eval_at_start.get("rewards/accuracies"),
             dpo.eval.get("rewards/accuracies"),
         ),
+        "grpo_exact_match": (
+            grpo.eval_at_start.get("rewards/exact_match"),
+            grpo.eval.get("rewards/exact_match"),
+        ),
+        "grpo_trained_questions": tuple(a["trained"] for a in arithmetic),
     }
     with open(os.path.join(workdir, "demo_results.json"), "w") as f:
         json.dump(
             {
                 **results,
                 "pretrain_recall": recall,
+                # Each arithmetic question once, before and after GRPO.
+                "chat_arithmetic": {"dpo": arithmetic[0], "grpo": arithmetic[1]},
                 "filter": {k: quality[k] for k in ("documents", "kept", "removed", "rules")},
                 "seed": SEED.value,
-                "steps": {"pretrain": pretrain.step, "sft": sft.step, "dpo": dpo.step},
+                "steps": {
+                    "pretrain": pretrain.step,
+                    "sft": sft.step,
+                    "dpo": dpo.step,
+                    "grpo": grpo.step,
+                },
             },
             f,
             indent=1,

@@ -1,10 +1,11 @@
-"""The training loop shared by pre-training, SFT and DPO.
+"""The training loop shared by pre-training, SFT, DPO and GRPO.
 
     train(workdir, setup):  claim the workdir for this run (run.json), or stop if it is complete
                             task.prepare (e.g. DPO's reference pass)
                             state <- newest complete checkpoint, else the initial weights
-                            for each batch:  [stage changed? rebuild the step]
-                                             state, metrics = train_step(state, batch)
+                            for each batch:  rows = task.rollout(batch) (GRPO samples here)
+                                             [stage changed? rebuild the step]
+                                             state, metrics = train_step(state, rows)
                                              periodic hooks: log, eval, checkpoint, profile;
                                              SIGTERM -> save and leave
 
@@ -97,14 +98,21 @@ class _StepBuilder:
         self.setup, self.state_shardings = setup, state_shardings
         self.placement = host_data.Placement(setup.mesh, setup.rules)
         self._key = None
+        self._architectures: dict[str, tuple] = {}
         self.config = self.graphdef = self.train_step = self.batch_shardings = None
+
+    def architecture(self, stage: str):
+        """(config, graphdef) of a stage's model."""
+        if stage not in self._architectures:
+            config = self.setup.task.model_config(self.setup.model_config, stage)
+            self._architectures[stage] = (config, abstract_model(config, self.setup.runtime)[0])
+        return self._architectures[stage]
 
     def for_batch(self, stage: str, batch: dict):
         shapes = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
         if (stage, shapes) != self._key:
             setup = self.setup
-            self.config = setup.task.model_config(setup.model_config, stage)
-            self.graphdef, _ = abstract_model(self.config, setup.runtime)
+            self.config, self.graphdef = self.architecture(stage)
             self.batch_shardings = self.placement.shardings(host_data.global_shapes(batch))
             self.train_step = make_train_step(
                 self.graphdef,
@@ -136,8 +144,9 @@ class _StepBuilder:
 
         return step
 
-    def model(self, params):
-        return nnx.merge(self.graphdef, jax.tree.map(jnp.asarray, params))
+    def model(self, params, stage: str | None = None):
+        graphdef = self.graphdef if stage is None else self.architecture(stage)[1]
+        return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
 
 
 def _restore_newest(setup: TrainSetup, checkpointer: TrainCheckpointer, state: TrainState):
@@ -291,6 +300,7 @@ class _Steps:
         self.writer = metrics_lib.MetricWriter(workdir, setup.total_steps or 0)
         self.last_train, self.last_eval, self.first_eval = {}, {}, {}
         self.window_start, self.window_steps = time.monotonic(), 0
+        self.last_rollout, self.window_rollout_s = {}, 0.0
         self.profiling = False
 
     def save(self, step: int) -> None:
@@ -358,8 +368,29 @@ class _Steps:
                 "mfu": metrics_lib.mfu(flops, tokens_per_s),
             }
         )
+        if self.last_rollout:  # the last rollout's figures; the window's share spent in rollouts
+            self.last_train.update(self.last_rollout)
+            self.last_train["rollout/share_of_step"] = self.window_rollout_s / (
+                seconds * self.window_steps
+            )
         self.writer.write(step, self.last_train, label=f"stage={stage}")
         self.window_start, self.window_steps = time.monotonic(), 0
+        self.window_rollout_s = 0.0
+
+    def rollout(self, step: int, stage: str, batch: dict) -> dict:
+        rows, metrics = self.setup.task.rollout(
+            lambda: self.builder.model(self.state.params, stage),
+            self.state.frozen,
+            batch,
+            step=step,
+            seed=self.setup.run.seed,
+            tokenizer=self.setup.tokenizer,
+            placement=self.builder.placement,
+        )
+        if metrics:
+            self.last_rollout = metrics
+            self.window_rollout_s += metrics.get("rollout/seconds", 0.0)
+        return rows
 
     def start_profile(self, step: int) -> None:
         profile_steps = self.setup.run.profile_steps
@@ -392,13 +423,14 @@ class _Steps:
                     batch = next(self.iterator)
                 except StopIteration:
                     break
+                batch = self.rollout(step, stage, batch)
                 train_step = self.builder.for_batch(stage, batch)
                 if run.eval_at_start and step == 0:
                     self.first_eval = self.evaluate(step, stage)
                 self.start_profile(step)
-                self.state, step_metrics = train_step(
-                    self.state, self.builder.placement.from_local(batch)
-                )
+                placed = self.builder.placement.from_local(batch)
+                for _ in range(task.updates_per_batch):
+                    self.state, step_metrics = train_step(self.state, placed)
                 step += 1
                 self.window_steps += 1
                 self.stop_profile(step)

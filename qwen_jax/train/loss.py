@@ -95,16 +95,31 @@ def chunked_cross_entropy(
 
 
 def token_logprobs(
-    hidden: jax.Array, output_kernel: jax.Array, targets: jax.Array, *, chunk_size: int
-) -> jax.Array:
-    """log p(targets) per token [B, T] in float32, computed chunk by chunk (for DPO and eval)."""
+    hidden: jax.Array,
+    output_kernel: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """log p(targets) per token [B, T] in float32, computed chunk by chunk (for DPO, GRPO and
+    eval), under the logits divided by `temperature` (GRPO scores samples under the distribution
+    they were drawn from). `with_entropy`: (log-probs, entropy of each token's distribution)."""
     n = _num_chunks(hidden.shape[1], chunk_size)
 
     @jax.checkpoint
     def body(_, chunk):
         h, t = chunk
-        lse, target = _target_terms(h, output_kernel, t)
-        return None, target - lse
+        logits = _chunk_logits(h, output_kernel)
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        if not with_entropy:
+            return None, target - lse
+        entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return None, (target - lse, entropy)
 
-    _, logprobs = jax.lax.scan(body, None, (_strided(hidden, n), _strided(targets, n)))
-    return _unstrided(logprobs)
+    _, out = jax.lax.scan(body, None, (_strided(hidden, n), _strided(targets, n)))
+    return jax.tree.map(_unstrided, out)

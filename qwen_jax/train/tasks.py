@@ -1,5 +1,5 @@
-"""What differs between pre-training, SFT and DPO: data, loss, stages, evaluation, and what runs
-before training. The loop (`qwen_jax.train.loop`) knows a task only through the `Task` protocol.
+"""What differs between pre-training, SFT and DPO (and GRPO, `qwen_jax.train.grpo_task`): data,
+loss, stages, evaluation, what runs before training and what builds a batch from the data. The loop (`qwen_jax.train.loop`) knows a task only through the `Task` protocol.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ class Task(Protocol):
     """The contract between a task and the training loop. The methods with a body are the
     defaults a task inherits by subclassing `Task`; the others every task defines.
 
-    kind: recorded in the workdir's run.json ('pretrain', 'sft', 'dpo').
+    kind: recorded in the workdir's run.json ('pretrain', 'sft', 'dpo', 'grpo').
     loss_fn: the step's loss for a batch of `iterator`.
     total_steps: the task's own length (None: until the data ends or the run's total_steps).
     needs_frozen: whether the state carries frozen parameters beside the trained ones.
     finite_data: whether the training data ends (epochs); the processes of a run then agree
       on the step where it ends (`qwen_jax.data.shards`).
+    updates_per_batch: optimizer updates on each batch `rollout` returns (GRPO's
+      num_iterations); a loop step is one batch.
     """
 
     kind: str
@@ -45,6 +47,7 @@ class Task(Protocol):
     needs_frozen: bool = False
     finite_data: bool = False
     eval_source: Any = None  # the held-out data `evaluate` reads; None: no evaluation
+    updates_per_batch: int = 1
 
     def iterator(
         self, tokenizer: Tokenizer, seed: int, *, shard_index: int, shard_count: int
@@ -88,6 +91,23 @@ class Task(Protocol):
         """The frozen parameters a fresh run starts with (`needs_frozen`), given the initial
         trained ones; `load_params(directory)` reads a checkpoint's with the run's shardings."""
         return None
+
+    def rollout(
+        self,
+        model: Callable[[], Any],
+        frozen,
+        batch: dict,
+        *,
+        step: int,
+        seed: int,
+        tokenizer: Tokenizer,
+        placement: host_data.Placement,
+    ) -> tuple[dict, dict]:
+        """(the rows the step trains on, metrics to log with it), made from the iterator's
+        `batch` at loop step `step`; `model()` builds the model with the current parameters
+        (GRPO samples from it); a `rollout/seconds` metric is also logged as the share of step
+        time spent in rollouts. Default: the batch itself, no metrics."""
+        return batch, {}
 
     def stage(self, iterator) -> str:
         """The name of the stage the iterator's next batch belongs to."""
