@@ -1,4 +1,5 @@
-"""Every shipped gin file (training, GRPO, lm-eval, data quality) parses: names, imports and includes resolve."""
+"""Every shipped gin file (training, GRPO, lm-eval, data quality) parses: names, imports and
+includes resolve."""
 
 import glob
 import os

@@ -1,5 +1,6 @@
 """What differs between pre-training, SFT and DPO (and GRPO, `qwen_jax.train.grpo_task`): data,
-loss, stages, evaluation, what runs before training and what builds a batch from the data. The loop (`qwen_jax.train.loop`) knows a task only through the `Task` protocol.
+loss, stages, evaluation, what runs before training and what builds a batch from the data. The
+loop (`qwen_jax.train.loop`) knows a task only through the `Task` protocol.
 """
 
 from __future__ import annotations

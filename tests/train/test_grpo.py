@@ -214,3 +214,65 @@ def test_completion_rows_follow_the_decoder_layout():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="GRPOConfig"):
         grpo.GRPOConfig(**bad)
+
+
+def test_microbatches_and_devices_give_the_batchs_loss(batch):
+    """The loss's sum/weight split: 2 microbatches on a data=2 x tensor=2 mesh equal one batch on
+    one device (loss, and with SGD at learning rate 1 the gradients, to 1e-6), for grpo's
+    per-completion means (dapo's token sums split the same way as the LM loss's)."""
+    import pathlib
+    import sys
+
+    import jax
+    import optax
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "parallel"))
+    import sharding_fixtures as fx
+
+    from qwen_jax.parallel import mesh as mesh_lib
+    from qwen_jax.train import state as state_lib
+    from qwen_jax.train import step as step_lib
+
+    rows, rewards, _, offset, (logps, _, _, got_ref) = batch
+    config = grpo.GRPOConfig(num_generations=GROUP, beta=0.04, num_iterations=2, loss_type="grpo")
+    host = {
+        **rows,
+        "advantages": grpo.advantages(rewards, config)[0],
+        "old_logps": (logps + offset).astype(np.float32),
+        "ref_logps": got_ref,
+    }
+    loss_fn = grpo.make_grpo_loss_fn(
+        config, max_completion_length=NEW, temperature=TEMPERATURE, chunk_size=4
+    )
+    rules, sgd = fx.rules_from_gin(), optax.sgd(1.0)
+    results = []
+    for mesh_config, microbatches in (
+        (mesh_lib.MeshConfig(fsdp=1), 1),
+        (mesh_lib.MeshConfig(data=2, fsdp=1, tensor=2), 2),
+    ):
+        devices = jax.devices()[: 1 if microbatches == 1 else 4]
+        mesh = mesh_lib.make_mesh(mesh_config, devices=devices)
+        state, graphdef, shardings = state_lib.create_train_state(
+            lambda: Qwen2ForCausalLM(CONFIG, rngs=nnx.Rngs(1)), sgd, mesh, rules
+        )
+        batch_shardings = mesh_lib.batch_shardings(mesh, rules, host)
+        step = step_lib.make_train_step(
+            graphdef,
+            loss_fn,
+            sgd,
+            mesh=mesh,
+            rules=rules,
+            state_shardings=shardings,
+            batch_shardings=batch_shardings,
+            microbatches=microbatches,
+        )
+        before = fx.to_host(state.params)
+        state, metrics = step(state, jax.device_put(host, batch_shardings))
+        delta = jax.tree.map(lambda new, old: np.asarray(new) - old, state.params, before)
+        results.append((fx.to_host(metrics), delta))
+    (m1, d1), (m2, d2) = results
+    for key in ("loss", "grad_norm", "weight", "completion_tokens", "kl"):
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    assert float(m1["grad_norm"]) > 1e-3
+    for a, b in zip(jax.tree.leaves(d2), jax.tree.leaves(d1)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
