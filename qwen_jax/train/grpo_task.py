@@ -259,7 +259,7 @@ class GRPOTask(Task):
         if jax.process_count() > 1:  # groups stay on one process; batch scaling needs them all
             all_rewards = np.asarray(multihost_utils.process_allgather(local_rewards)).reshape(-1)
         advantages, stats = grpo.advantages(all_rewards, config)
-        first = jax.process_index() * len(local_rewards) if jax.process_count() > 1 else 0
+        first = jax.process_index() * len(local_rewards)
         rows = completion_rows(prompt_ids, prompt_mask, tokens, lengths, tokenizer.pad_id)
         rows["advantages"] = advantages[first : first + len(local_rewards)]
         if config.num_iterations > 1:
@@ -267,7 +267,8 @@ class GRPOTask(Task):
         if config.beta:
             rows["ref_logps"] = self._logps(_with_params(policy, frozen), rows, placement)
 
-        terminated = np.array([np.isin(row[:n], stops).any() for row, n in zip(tokens, lengths)])
+        # A row's length counts up to its first stop token, so it ended iff its last one is a stop.
+        terminated = np.isin(tokens[np.arange(len(tokens)), lengths - 1], stops)
         metrics = {
             **stats,
             "completions/mean_length": float(lengths.mean()),
