@@ -108,6 +108,53 @@ def test_bench_step():
     assert json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
 
 
+def test_bench_step_beside_torch():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    result = readme.run(
+        readme.command("python -m qwen_jax.bench.step --peer=torch"),
+        readme.REPO_ROOT,
+        "--gin_file=configs/demo/model.gin",
+        "--seq_len=32",
+        "--batch=2",
+        "--steps=2",
+        "--repeats=1",
+    )
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [line.get("side") for line in lines[:2]] == ["qwen_jax", "torch"]
+    summary = lines[-1]
+    for side in ("qwen_jax", "peer"):
+        figures = summary[side]
+        assert figures["tokens_per_s"] > 0
+        assert min(figures[p] for p in ("forward_s", "backward_s")) > 0, figures
+    assert summary["tokens_per_s_ratio"] == pytest.approx(
+        summary["qwen_jax"]["tokens_per_s"] / summary["peer"]["tokens_per_s"], rel=1e-2
+    )
+
+
+def test_bench_attention():
+    result = readme.run(
+        readme.command("python -m qwen_jax.bench.attention"),
+        readme.REPO_ROOT,
+        "--seq_lens=128",
+        "--tokens=256",
+        "--heads=4:2",
+        "--head_dim=64",
+        "--impls=xla,cudnn",
+        "--reps=1",
+        "--torch=false",
+    )
+    figures = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(f["impl"], f["layout"]) for f in figures] == [
+        ("xla", "causal"), ("cudnn", "causal"), ("xla", "packed"), ("cudnn", "packed"),
+    ]  # fmt: skip
+    xla = figures[0]
+    assert xla["rows"] == 2 and xla["forward_tflops"] >= 0 and xla["forward_backward_ms"] > 0
+    # On a CPU, cuDNN's row says why it did not run instead of stopping the table.
+    assert "NVIDIA GPUs" in figures[1]["error"]
+    assert "| 128 | 4:2 | causal | xla |" in result.stdout
+
+
 def test_bench_grpo_step():
     result = readme.run(
         readme.command("python -m qwen_jax.bench.step --grpo_new_tokens"),

@@ -14,34 +14,65 @@ from collections.abc import Callable
 import jax
 from jax.sharding import Mesh
 
-from qwen_jax.kernels import flash_tpu, sequence_sharded, splash, xla
+from qwen_jax.kernels import cudnn, flash_gpu, flash_tpu, sequence_sharded, splash, xla
 from qwen_jax.model.attention import AttentionFn
 from qwen_jax.parallel.logical import LogicalRules
 
 Builder = Callable[..., AttentionFn]
 
 
-def _pallas_blocks(mesh: Mesh | None, override: tuple[int, ...]):
-    """(blocks, interpret) for the devices the program is compiled for: the mesh's, which are
-    TPUs when compiling ahead of time on a CPU host, else the default backend's."""
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    if device.platform == "cpu":
+def _device(mesh: Mesh | None):
+    """A device the program runs on: the mesh's, which are TPUs when compiling ahead of time on
+    a CPU host, else the default backend's."""
+    return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+
+
+def _tpu_blocks(device, override: tuple[int, ...]):
+    """(blocks, interpret) for the TPU kernels (interpret mode on CPU)."""
+    platform = device.platform
+    if platform == "cpu":
         blocks, interpret = flash_tpu.INTERPRET_BLOCKS, True
-    elif device.platform == "tpu":
+    elif platform == "tpu":
         blocks, interpret = flash_tpu.default_blocks(device.device_kind), False
     else:
         raise ValueError(
-            f"the Pallas attention kernels are written for TPU (interpret mode on CPU); there is "
-            f"none for {device.platform} yet: use attention_impl='xla'"
+            f"this attention kernel is written for TPU (interpret mode on CPU); there is none "
+            f"for {platform}: use attention_impl='pallas', 'cudnn' or 'xla'"
         )
     return (flash_tpu.BlockSizes(*override) if override else blocks), interpret
 
 
-def _pallas(kernel, *, mesh, rules, block_size, flash_block_sizes):
-    # Mosaic kernels are not partitioned by XLA: they run per shard, K/V gathered along a
+def _gpu_blocks(override: tuple[int, ...]) -> flash_gpu.BlockSizes:
+    return flash_gpu.BlockSizes(*override) if override else flash_gpu.DEFAULT_BLOCKS
+
+
+def _pallas(*, mesh, rules, block_size, flash_block_sizes):
+    # Pallas kernels are not partitioned by XLA: they run per shard, K/V gathered along a
     # sharded sequence axis (positions carry each shard's query offset into the mask rule).
-    blocks, interpret = _pallas_blocks(mesh, flash_block_sizes)
-    fn = functools.partial(kernel, blocks=blocks, interpret=interpret)
+    device = _device(mesh)
+    if device.platform == "gpu":
+        fn = functools.partial(
+            flash_gpu.flash_attention, blocks=_gpu_blocks(flash_block_sizes), interpret=False
+        )
+    else:
+        blocks, interpret = _tpu_blocks(device, flash_block_sizes)
+        fn = functools.partial(flash_tpu.flash_attention, blocks=blocks, interpret=interpret)
+    return sequence_sharded.shard_mapped(fn, mesh, rules)
+
+
+def _splash(*, mesh, rules, block_size, flash_block_sizes):
+    blocks, interpret = _tpu_blocks(_device(mesh), flash_block_sizes)
+    fn = functools.partial(splash.splash_attention, blocks=blocks, interpret=interpret)
+    return sequence_sharded.shard_mapped(fn, mesh, rules)
+
+
+def _cudnn(*, mesh, rules, block_size, flash_block_sizes):
+    platform = _device(mesh).platform
+    if platform != "gpu":
+        raise ValueError(
+            f"attention_impl='cudnn' runs on NVIDIA GPUs, not {platform}: use 'pallas' or 'xla'"
+        )
+    fn = functools.partial(cudnn.cudnn_attention, fallback_blocks=_gpu_blocks(flash_block_sizes))
     return sequence_sharded.shard_mapped(fn, mesh, rules)
 
 
@@ -54,10 +85,14 @@ IMPLEMENTATIONS: dict[str, Builder] = {
             xla.xla_attention, mesh=mesh, rules=rules, block_size=block_size
         )
     ),
-    # Ours: Pallas flash attention skipping blocks by the runtime segment layout.
-    "pallas": functools.partial(_pallas, flash_tpu.flash_attention),
-    # JAX's splash attention, for comparison (static causal block skipping).
-    "splash": functools.partial(_pallas, splash.splash_attention),
+    # Ours: Pallas flash attention skipping blocks by the runtime segment layout (Mosaic on TPU,
+    # Triton on NVIDIA GPUs).
+    "pallas": _pallas,
+    # JAX's splash attention (TPU), for comparison (static causal block skipping).
+    "splash": _splash,
+    # cuDNN's fused attention (NVIDIA GPUs), the GPU baseline; layouts it cannot express run on
+    # the Pallas kernel.
+    "cudnn": _cudnn,
 }
 
 

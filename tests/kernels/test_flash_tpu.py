@@ -4,11 +4,18 @@ block-skip predicate against the brute-force mask."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_cases import (
+    CASES,
+    check_against_reference,
+    layouts,
+    outputs_and_grads,
+    packed,
+    positions_of,
+)
 from qwen_jax.kernels import block_skip, flash_tpu
 from qwen_jax.kernels.xla import xla_attention
 from qwen_jax.model.attention import attention_mask
@@ -16,105 +23,13 @@ from qwen_jax.model.attention import attention_mask
 BLOCKS = flash_tpu.INTERPRET_BLOCKS  # 128: lengths below are not multiples of it
 
 
-def _positions(segments):
-    """Positions restart at 0 in each document (and count padding from 0 too)."""
-    positions = np.zeros_like(segments)
-    for row, ids in enumerate(segments):
-        for start in np.flatnonzero(np.diff(ids, prepend=-1)):
-            end = start + np.argmax(np.append(ids[start:] != ids[start], True))
-            positions[row, start:end] = np.arange(end - start)
-    return positions
-
-
-def _packed(rng, length, documents, one_token=0):
-    """`documents` contiguous documents with ids 1..documents, `one_token` of them one token
-    long, then padding."""
-    sizes = rng.integers(2, max(3, 2 * length // (documents + 1)), documents)
-    sizes[rng.choice(documents, one_token, replace=False)] = 1
-    ids = np.repeat(np.arange(1, documents + 1), sizes)[:length]
-    return np.pad(ids, (0, length - len(ids)))
-
-
-def layouts(length, seed=0):
-    """[5, length] segment ids: causal, packed (one-token documents among them), left padding,
-    a fully padded row, right padding."""
-    rng = np.random.default_rng(seed)
-    causal = np.ones(length, np.int32)
-    packed = _packed(rng, length, 9, one_token=3)
-    left = np.where(np.arange(length) >= length // 3, 1, 0)
-    padding = np.zeros(length, np.int32)
-    right = np.where(np.arange(length) < length - 17, 1, 0)
-    segments = np.stack([causal, packed, left, padding, right]).astype(np.int32)
-    return segments, _positions(segments)
-
-
-def _tokens(segments, positions):
-    return dict(
-        q_segment_ids=jnp.asarray(segments),
-        kv_segment_ids=jnp.asarray(segments),
-        q_positions=jnp.asarray(positions),
-        kv_positions=jnp.asarray(positions),
-    )
-
-
 def _flash(q, k, v, **tokens):
     return flash_tpu.flash_attention(q, k, v, **tokens, blocks=BLOCKS, interpret=True)
 
 
-def _outputs_and_grads(fn, q, k, v, cotangent, tokens):
-    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **tokens), q, k, v)
-    return (out, *vjp(cotangent.astype(out.dtype)))
-
-
-def _max_relative(got, want):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
-CASES = [
-    # (kv heads, query heads per KV head, head_dim, dtype)
-    (2, 1, 64, "float32"),
-    (2, 2, 128, "float32"),
-    (1, 7, 64, "float32"),
-    (1, 7, 128, "float32"),
-    (2, 2, 64, "bfloat16"),
-    (1, 7, 128, "bfloat16"),
-]
-
-
 @pytest.mark.parametrize("kv_heads, groups, head_dim, dtype", CASES)
 def test_outputs_and_gradients_equal_the_reference(kv_heads, groups, head_dim, dtype):
-    length = 200
-    segments, positions = layouts(length)
-    tokens = _tokens(segments, positions)
-    rng = np.random.default_rng(1)
-    batch, heads = len(segments), kv_heads * groups
-
-    def normal(*shape):
-        return jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
-
-    q = normal(batch, length, heads, head_dim)
-    k, v = normal(batch, length, kv_heads, head_dim), normal(batch, length, kv_heads, head_dim)
-    # The reference gives padding queries (fully masked rows) the mean of V; ours gives zeros.
-    # Neither reaches a loss, so the cotangent is zero there and outputs are compared on real rows.
-    real = (segments != 0)[:, :, None, None]
-    cotangent = jnp.asarray(rng.normal(size=q.shape) * real, jnp.float32)
-
-    got = jax.jit(lambda *a: _outputs_and_grads(_flash, *a, cotangent, tokens))(q, k, v)
-    # The reference runs in float32 on the same (rounded) inputs.
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = _outputs_and_grads(xla_attention, *f32, cotangent, tokens)
-    names = ("out", "dq", "dk", "dv")
-    for name, g, w in zip(names, got, want):
-        assert g.dtype == q.dtype, name
-        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
-        if name == "out":
-            assert not np.any(np.asarray(g)[~real[..., 0, 0]]), "padding queries must give zeros"
-            g, w = np.where(real, g, 0), np.where(real, w, 0)
-        if dtype == "float32":
-            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=name)
-        else:
-            assert _max_relative(g, w) <= 2e-2, (name, _max_relative(g, w))
+    check_against_reference(_flash, kv_heads, groups, head_dim, dtype)
 
 
 def _brute_force_pairs(segments, positions, block):
@@ -134,10 +49,10 @@ def test_skip_predicate_counts_exactly_the_pairs_with_an_unmasked_entry():
     block, length = 128, 16 * 128
     causal = np.ones((1, length), np.int32)
     rng = np.random.default_rng(3)
-    packed = _packed(rng, length, 8)[None].astype(np.int32)
+    packed_row = packed(rng, length, 8)[None].astype(np.int32)
     counts = {}
-    for name, segments in (("causal", causal), ("packed 8 documents", packed)):
-        positions = _positions(segments)
+    for name, segments in (("causal", causal), ("packed 8 documents", packed_row)):
+        positions = positions_of(segments)
         visited = _predicate(segments, positions, block)
         needed = _brute_force_pairs(segments, positions, block)
         assert int(visited.sum()) == int(needed.sum()), name
@@ -168,7 +83,7 @@ def test_skipped_blocks_are_never_read():
     outside document 3 is NaN, which any computed or copied block would spread to the output."""
     block, documents, heads, d = 128, 8, 2, 64
     kv_segments = np.repeat(np.arange(1, documents + 1), block)[None].astype(np.int32)
-    kv_positions = _positions(kv_segments)
+    kv_positions = positions_of(kv_segments)
     own = kv_segments[0] == 3
     q_segments, q_positions = kv_segments[:, own], kv_positions[:, own]
     rng = np.random.default_rng(0)
@@ -183,10 +98,8 @@ def test_skipped_blocks_are_never_read():
         q_positions=jnp.asarray(q_positions),
         kv_positions=jnp.asarray(kv_positions),
     )
-    out, dq, dk, dv = _outputs_and_grads(
-        _flash, q, poisoned_k, poisoned_v, jnp.ones_like(q), tokens
-    )
-    want, dq_want, dk_want, dv_want = _outputs_and_grads(
+    out, dq, dk, dv = outputs_and_grads(_flash, q, poisoned_k, poisoned_v, jnp.ones_like(q), tokens)
+    want, dq_want, dk_want, dv_want = outputs_and_grads(
         xla_attention,
         q,
         jnp.asarray(k, jnp.float32),

@@ -22,14 +22,15 @@ ids = np.arange(24, dtype=np.int32).reshape(2, 12) % 64
 segments = np.array([[1] * 7 + [2] * 5, [1] * 9 + [0] * 3], np.int32)
 positions = np.array([list(range(7)) + list(range(5)), list(range(9)) + [0] * 3], np.int32)
 logits = {}
-for name in sorted(registry.IMPLEMENTATIONS):
+# cuDNN runs on NVIDIA GPUs only (tests/kernels/test_flash_gpu.py checks it there).
+for name in sorted(set(registry.IMPLEMENTATIONS) - {"cudnn"}):
     model = Qwen2ForCausalLM(config, Runtime(attention_impl=name, attention_block_size=4),
                              rngs=nnx.Rngs(0))
     logits[name] = np.asarray(model(ids, positions, segments))
 real = segments > 0
 for name, got in logits.items():
     np.testing.assert_allclose(got[real], logits["xla"][real], atol=1e-5, rtol=0, err_msg=name)
-print(" ".join(sorted(logits)))
+print(" ".join(sorted(registry.IMPLEMENTATIONS)))
 """
 
 
@@ -43,4 +44,4 @@ def test_importing_the_model_registers_every_implementation():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["pallas", "sequence_sharded", "splash", "xla"]
+    assert result.stdout.split() == ["cudnn", "pallas", "sequence_sharded", "splash", "xla"]
