@@ -104,8 +104,16 @@ def test_bench_step():
         "--seq_len=64",
         "--batch=2",
         "--steps=2",
+        "--profile_steps=1",
     )
-    assert json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["tokens_per_s"] > 0
+    # The per-op profile: matmuls are among the ops, and no op takes longer than all together.
+    profile = figures["profile"]
+    assert any("dot" in name or "ynn" in name for name, _, _ in profile["top_ops"]), profile
+    assert (
+        0 < max(seconds for _, seconds, _ in profile["top_ops"]) <= profile["op_seconds_per_call"]
+    )
 
 
 def test_bench_step_beside_torch():

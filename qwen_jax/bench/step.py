@@ -19,7 +19,8 @@ Runs the real sharded train step (forward, backward, AdamW update) on synthetic 
 with bf16 compute over fp32 master weights and the mesh from `configs/mesh/rules.gin` (FSDP over
 all local devices unless `--gin_param` says otherwise). Prints one JSON line: step time, tokens/s,
 MFU, peak device memory, and the forward, backward and optimizer times (forward-only and
-forward+backward programs timed on their own; the optimizer is the rest of the step).
+forward+backward programs timed on their own; the optimizer is the rest of the step). With
+`--profile_steps=N`, then N more steps under the JAX profiler, summed per XLA op (`profile.py`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 
 from qwen_jax import cli
-from qwen_jax.bench import torch_peer
+from qwen_jax.bench import profile, torch_peer
 from qwen_jax.bench.timing import median_seconds
 from qwen_jax.model.config import QwenConfig, model_flops_per_token
 from qwen_jax.model.layers import Runtime
@@ -102,6 +103,7 @@ def run(
     batch: int,
     steps: int,
     documents_per_row: int = 4,
+    profile_calls: int = 0,
 ):
     optimizer, _ = optimizer_lib.make_optimizer(schedule=optimizer_lib.constant(1e-4))
     state, graphdef, shardings = create_train_state(
@@ -132,6 +134,14 @@ def run(
     mfu = metrics_lib.mfu(model_flops_per_token(config, seq_len), tokens_per_second)
     memory = jax.devices()[0].memory_stats() or {}
     phases = _phases(graphdef, state.params, device_batch, mesh, rules, steps, step_time)
+    if profile_calls:
+
+        def step_once():
+            nonlocal state
+            state, metrics = train_step(state, device_batch)
+            jax.block_until_ready(metrics)
+
+        phases["profile"] = profile.op_summary(step_once, profile_calls)
     return {
         "device": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
@@ -307,7 +317,7 @@ def main() -> None:
             **common,
         )
     else:
-        figures = run(*model, **common)
+        figures = run(*model, **common, profile_calls=FLAGS.profile_steps)
     print(json.dumps(figures))
 
 
@@ -320,5 +330,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("peer", "", ["", "torch"], "also time the step in this framework")
     flags.DEFINE_integer("repeats", 3, "rounds of ours then the peer's, with --peer")
     flags.DEFINE_enum("side", "", ["", "qwen_jax", "torch"], "one side of a --peer round")
+    flags.DEFINE_integer("profile_steps", 0, "then trace this many steps and sum time per XLA op")
     FLAGS = flags.FLAGS
     app.run(lambda argv: sys.exit(cli.run(main, argv)))

@@ -26,7 +26,12 @@ from qwen_jax.parallel.logical import constrain
 # Which activations a rematerialized layer keeps for the backward pass (jax.checkpoint policies).
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every projection's output: the dots without batch dimensions, as JAX's
+    # dots_with_no_batch_dims_saveable would pick if the projections were plain dot_generals
+    # (they are custom_vjp calls, see layers.project, which that policy does not see).
+    "save_dots": jax.checkpoint_policies.save_only_these_names(
+        "qkv_proj", "out_proj", "mlp_gate_up", "mlp_out"
+    ),
     "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
         "qkv_proj", "attn_out", "out_proj"
     ),

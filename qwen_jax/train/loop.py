@@ -87,8 +87,13 @@ def _check_run(workdir: str, identity: dict, info: dict) -> None:
         )
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(path, "w", encoding="utf-8") as f:
+        # Written whole and renamed into place: the other processes check the same workdir at
+        # the same time, and one that read a half-written file would refuse the run and leave
+        # process 0 waiting for it at the checkpoint manager's barrier.
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w", encoding="utf-8") as f:
             json.dump({**identity, **info}, f, indent=1)
+        os.replace(partial, path)
 
 
 class _StepBuilder:

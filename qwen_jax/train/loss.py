@@ -1,20 +1,26 @@
 """Next-token cross-entropy computed in chunks of tokens, so [batch, length, vocab] never exists.
 
-The logits of one chunk are computed, reduced and dropped inside a `lax.scan`; the scanned body is
-rematerialized, so the backward pass recomputes one chunk's logits at a time instead of keeping
-them all. Chunks are strided (chunk j holds tokens j, j+n, j+2n, ... for n chunks) rather than
+The logits of one chunk are computed, reduced and dropped inside a `lax.scan`. For the training
+loss, the same pass also produces the chunk's gradients (`_fused_loss`, a custom VJP), so the
+logits are computed once per step and never kept; `token_logprobs` instead rematerializes its
+scanned body, recomputing one chunk's logits at a time in the backward pass. Chunks are strided (chunk j holds tokens j, j+n, j+2n, ... for n chunks) rather than
 contiguous: when the length axis is sharded over `sequence`, every chunk still spans all
 sequence shards, so no device idles while another computes its block.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_jax.parallel.logical import constrain
 
 _LOGITS = ("activation_batch", "activation_length", "activation_vocab")
+_HIDDEN = ("activation_batch", "activation_length", "activation_embed")
+_KERNEL = ("embed", "vocab")
 
 
 def _num_chunks(length: int, chunk_size: int) -> int:
@@ -36,9 +42,9 @@ def _strided(x: jax.Array, num_chunks: int) -> jax.Array:
 
 
 def _unstrided(x: jax.Array) -> jax.Array:
-    """Inverse of `_strided` for [n, B, T/n] -> [B, T]."""
-    n, b, c = x.shape
-    return jnp.moveaxis(x, 0, 2).reshape(b, c * n)
+    """Inverse of `_strided`: [n, B, T/n, ...] -> [B, T, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 2).reshape(b, c * n, *x.shape[3:])
 
 
 def _chunk_logits(hidden, output_kernel):
@@ -51,12 +57,81 @@ def _chunk_logits(hidden, output_kernel):
     return constrain(logits, _LOGITS)
 
 
-def _target_terms(hidden, output_kernel, targets):
-    """(log-sum-exp, target logit) per token, in float32."""
-    logits = _chunk_logits(hidden, output_kernel)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return lse, target
+def _fused_chunks(hidden, output_kernel, targets, mask, num_chunks, z_loss, with_gradients):
+    """Summed loss, -log p(target) and logsumexp² over tokens with `mask` > 0, one chunk's logits
+    at a time; `with_gradients`: also the loss's gradients in hidden and output_kernel."""
+    vocab = output_kernel.shape[1]
+
+    def body(carry, chunk):
+        h, t, m = chunk
+        t = t.astype(jnp.int32)
+        logits = _chunk_logits(h, output_kernel)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        nll = jnp.sum((lse - target) * m)
+        z = jnp.sum(lse * lse * m)
+        sums = (carry[0] + nll + z_loss * z, carry[1] + nll, carry[2] + z)
+        if not with_gradients:
+            return sums, None
+        # d/dlogits of m * (lse - logits[t] + z_loss * lse²).
+        probs = jnp.exp(logits - lse[..., None])
+        one_hot = jnp.arange(vocab, dtype=jnp.int32) == t[..., None]
+        d_logits = m[..., None] * (probs * (1.0 + 2.0 * z_loss * lse[..., None]) - one_hot)
+        d_logits = constrain(d_logits, _LOGITS).astype(h.dtype)
+        kernel = output_kernel.astype(h.dtype)
+        d_h = jnp.einsum("btv,dv->btd", d_logits, kernel, preferred_element_type=jnp.float32)
+        d_kernel = carry[3] + jnp.einsum(
+            "btd,btv->dv", h, d_logits, preferred_element_type=jnp.float32
+        )
+        # Sharded as the kernel is: left to propagation, the carry can end up replicated.
+        d_kernel = constrain(d_kernel, _KERNEL)
+        return (*sums, d_kernel), constrain(d_h.astype(h.dtype), _HIDDEN)
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero, zero, zero)
+    if with_gradients:
+        init = (*init, constrain(jnp.zeros(output_kernel.shape, jnp.float32), _KERNEL))
+    chunks = (
+        _strided(hidden, num_chunks),
+        _strided(targets, num_chunks),
+        _strided(mask, num_chunks),
+    )
+    return jax.lax.scan(body, init, chunks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_loss(hidden, output_kernel, targets, mask, num_chunks, z_loss):
+    """(loss_sum, (nll_sum, z_sum)), differentiable in hidden and output_kernel through the loss
+    only: the statistics' cotangents are dropped, so callers stop their gradients."""
+    (loss, nll, z), _ = _fused_chunks(
+        hidden, output_kernel, targets, mask, num_chunks, z_loss, with_gradients=False
+    )
+    return loss, (nll, z)
+
+
+def _fused_loss_fwd(hidden, output_kernel, targets, mask, num_chunks, z_loss):
+    # The gradients for a cotangent of one come out of the same pass over each chunk's logits,
+    # so the logits are computed once per step rather than again in the backward pass.
+    (loss, nll, z, d_kernel), d_hidden = _fused_chunks(
+        hidden, output_kernel, targets, mask, num_chunks, z_loss, with_gradients=True
+    )
+    residuals = (_unstrided(d_hidden), d_kernel.astype(output_kernel.dtype), targets, mask)
+    return (loss, (nll, z)), residuals
+
+
+def _fused_loss_bwd(num_chunks, z_loss, residuals, cotangents):
+    del num_chunks, z_loss
+    d_hidden, d_kernel, targets, mask = residuals
+    scale = cotangents[0]
+    return (
+        (scale * d_hidden).astype(d_hidden.dtype),
+        (scale * d_kernel).astype(d_kernel.dtype),
+        np.zeros(targets.shape, jax.dtypes.float0),
+        jnp.zeros_like(mask),
+    )
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
 def chunked_cross_entropy(
@@ -77,20 +152,8 @@ def chunked_cross_entropy(
     """
     n = _num_chunks(hidden.shape[1], chunk_size)
     mask = loss_mask.astype(jnp.float32)
-
-    @jax.checkpoint
-    def body(carry, chunk):
-        h, t, m = chunk
-        lse, target = _target_terms(h, output_kernel, t)
-        nll = jnp.sum((lse - target) * m)
-        z = jnp.sum(jnp.square(lse) * m)
-        return (carry[0] + nll, carry[1] + z), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (nll_sum, z_sum), _ = jax.lax.scan(
-        body, (zero, zero), (_strided(hidden, n), _strided(targets, n), _strided(mask, n))
-    )
-    loss_sum = nll_sum + z_loss * z_sum
+    loss_sum, stats = _fused_loss(hidden, output_kernel, targets, mask, n, z_loss)
+    nll_sum, z_sum = jax.lax.stop_gradient(stats)
     return loss_sum, jnp.sum(mask), {"nll_sum": nll_sum, "z_loss_sum": z_sum}
 
 
