@@ -151,7 +151,6 @@ class Projection(nnx.Module):
     def __init__(
         self, rngs, kernel_init, shape, names, bias_init, bias_names, param_dtype, *, inputs=1
     ):
-        self.inputs = inputs
         self.kernel = make_param(rngs, kernel_init, shape, names, param_dtype)
         self.bias = (
             make_param(rngs, bias_init, shape[inputs:], bias_names, param_dtype)
