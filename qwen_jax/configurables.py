@@ -19,7 +19,7 @@ from qwen_jax.eval import in_loop
 from qwen_jax.model import config as model_config
 from qwen_jax.model import generate, layers
 from qwen_jax.parallel import mesh as mesh_lib
-from qwen_jax.train import dpo, grpo, grpo_task, optimizer, rewards, setup, tasks
+from qwen_jax.train import dpo, grpo, grpo_task, optimizer, reward_model, rewards, setup, tasks
 
 
 def _register(module, *names):
@@ -37,6 +37,7 @@ _register(dpo, "DPOConfig")
 _register(grpo_task, "GRPOTask")
 _register(grpo, "GRPOConfig")
 _register(rewards, "ExactMatch", "FormatMatch", "LengthPenalty")
+_register(reward_model, "RewardModelTask", "RewardConfig", "RewardModelScore")
 (make_optimizer,) = _register(optimizer, "make_optimizer")
 _register(optimizer, "warmup_cosine", "warmup_stable_decay", "constant")
 (RunConfig,) = _register(setup, "RunConfig")

@@ -44,7 +44,7 @@ TOPICS = [
     "ink",
     "bridges",
 ]
-SFT_STEPS, DPO_STEPS, GRPO_STEPS = 40, 30, 3
+SFT_STEPS, DPO_STEPS, GRPO_STEPS, RM_STEPS = 40, 30, 3, 30
 # A Qwen2.5-Instruct checkpoint's generation_config.json (stop ids and padding).
 GENERATION_CONFIG = {
     "bos_token_id": 151643,
@@ -173,9 +173,7 @@ def flow(work):
     readme.run(
         export, work, f"--checkpoint=runs/dpo/checkpoints/{DPO_STEPS}", "--output_dir=hf/dpo"
     )
-    readme.run(
-        readme.command("python -m qwen_jax.train --gin_file=configs/grpo.gin"),
-        work,
+    grpo_overrides = (
         f"--gin_param=INIT_FROM='runs/dpo/checkpoints/{DPO_STEPS}'",
         "--gin_param=PROMPTS='data/prompts.parquet'",
         f"--gin_param=GRPO_STEPS={GRPO_STEPS}",
@@ -183,6 +181,34 @@ def flow(work):
         "--gin_param=MAX_PROMPT_LEN=64",
         "--gin_param=MAX_NEW_TOKENS=8",
         "--gin_param=grpo.GRPOConfig.num_generations=4",
+    )
+    readme.run(
+        readme.command("python -m qwen_jax.train --gin_file=configs/grpo.gin --gin_param"),
+        work,
+        *grpo_overrides,
+    )
+    readme.run(
+        readme.command("python -m qwen_jax.train --gin_file=configs/reward_model.gin"),
+        work,
+        f"--gin_param=INIT_FROM='runs/sft/checkpoints/{SFT_STEPS}'",
+        "--gin_param=PREFERENCE_EVAL='data/pairs_eval.parquet'",
+        f"--gin_param=RM_STEPS={RM_STEPS}",
+        "--gin_param=SEQ_LEN=96",
+        "--gin_param=BATCH_SIZE=4",
+        "--gin_param=LEARNING_RATE=1e-3",
+    )
+    readme.run(
+        export,
+        work,
+        f"--checkpoint=runs/reward_model/checkpoints/{RM_STEPS}",
+        "--output_dir=hf/reward_model",
+    )
+    readme.run(
+        readme.command("python -m qwen_jax.train --gin_file=configs/grpo.gin --workdir"),
+        work,
+        f"--gin_param=reward_model.RewardModelScore.checkpoint="
+        f"'runs/reward_model/checkpoints/{RM_STEPS}'",
+        *grpo_overrides,
     )
     (work / "sft.log").write_text(sft.stderr)
     return work
@@ -275,6 +301,50 @@ def test_grpo_samples_the_imported_checkpoints_chat_and_logs_trl_metrics(flow):
     assert 0 <= evals[-1]["rewards/exact_match"] <= 1
     run = json.loads((run_dir / "run.json").read_text())
     assert run["task"] == "grpo" and run["tokenizer"]["vocab_size"] == 151665
+
+
+def test_reward_model_export_prefers_chosen_in_transformers(flow):
+    """The reward model trained from the SFT step, exported, then read by transformers alone:
+    its classifier scores `apply_chat_template`'s output of each held-out pair (a padded batch),
+    whose tokens are those it trained on, and prefers the chosen answer every time."""
+    from qwen_jax.data import examples
+    from qwen_jax.data.chat import render_chat
+    from qwen_jax.data.tokenizer import Tokenizer
+
+    directory = flow / "hf" / "reward_model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        directory, dtype=torch.float32
+    ).eval()
+    assert type(model) is transformers.Qwen2ForSequenceClassification
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
+    ours = Tokenizer.from_file(directory / "tokenizer.json")
+    questions = _questions(600, 16)
+    scores = {}
+    for response in (CHOSEN, REJECTED):
+        conversations = [[_user(q), _assistant(response)] for q in questions]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        for text, conversation in zip(texts[:2], conversations[:2]):
+            prompt, _ = render_chat(conversation[:1], ours, add_generation_prompt=True)
+            row = examples.response_example(ours, prompt, response, shift=False)
+            assert row["inputs"].tolist() == tokenizer(text, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            scores[response] = model(**batch).logits[:, 0].numpy()
+    assert np.all(scores[CHOSEN] > scores[REJECTED]), scores
+    run = flow / "runs" / "reward_model"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["accuracy"] for r in evals if r["split"] == "eval"][-1] == 1.0
+
+
+def test_grpo_is_rewarded_by_the_reward_model(flow):
+    records = [
+        json.loads(line)
+        for line in (flow / "runs" / "grpo_reward_model" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in records if r["split"] == "train"]
+    assert train[-1]["step"] == GRPO_STEPS
+    assert all(np.isfinite(r["rewards/reward_model/mean"]) for r in train)
 
 
 def test_the_demo_tokenizer_is_refused_for_the_imported_checkpoint(flow):

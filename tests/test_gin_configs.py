@@ -19,6 +19,7 @@ FILES = sorted(
         "configs/demo/*.gin",
         "configs/sft.gin",
         "configs/dpo.gin",
+        "configs/reward_model.gin",
         "configs/grpo.gin",
         "configs/lm_eval.gin",
         "configs/quality/*.gin",

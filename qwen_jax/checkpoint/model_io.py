@@ -25,7 +25,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
-from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
+from qwen_jax.model.transformer import Qwen2Model, abstract_model
 from qwen_jax.parallel import mesh as mesh_lib
 from qwen_jax.parallel.logical import LogicalRules
 
@@ -147,13 +147,51 @@ def load_model_checkpoint(
     return config, restored[PARAMS]
 
 
+_HEADS = ("lm_head", "score")  # the parameters that differ between the decoder's heads
+
+
+def load_decoder(directory: str | os.PathLike, params: Any, shardings: Any, dtype: str) -> Any:
+    """`params` (a pure dict) with every decoder parameter read from the checkpoint at
+    `directory`, whose head may differ: as transformers' `from_pretrained` builds a classifier
+    from a causal LM, the checkpoint's head is not read and `params`' own head is kept as it is
+    (freshly initialized). `shardings` matches `params`."""
+    directory = _check_directory(directory)
+    target = {
+        name: jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding),
+            value,
+            shardings[name],
+        )
+        for name, value in params.items()
+        if name not in _HEADS
+    }
+    try:
+        restored = _checkpointer().restore(
+            directory,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                }
+            ),
+        )
+    except (ValueError, KeyError) as e:
+        raise ValueError(
+            f"{directory}/{PARAMS}: its decoder does not match the model's: {e}"
+        ) from None
+    return {**params, **restored[PARAMS]}
+
+
 def load_model(
     directory: str | os.PathLike,
     runtime: Runtime | None = None,
     *,
     mesh: Mesh | None = None,
     rules: LogicalRules | None = None,
-) -> Qwen2ForCausalLM:
+) -> Qwen2Model:
     """The model of a checkpoint, parameters in `runtime.param_dtype`, sharded when given a
     mesh and logical rules."""
     directory = os.fspath(directory)
@@ -169,6 +207,6 @@ def load_model(
     return nnx.merge(graphdef, state)
 
 
-def model_params(model: Qwen2ForCausalLM) -> Any:
+def model_params(model: Qwen2Model) -> Any:
     """The pure dict `save_model_checkpoint` takes."""
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))

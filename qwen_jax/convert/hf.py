@@ -1,4 +1,5 @@
-"""Hugging Face safetensors checkpoints <-> `Qwen2ForCausalLM` parameters.
+"""Hugging Face safetensors checkpoints <-> `Qwen2ForCausalLM` and
+`Qwen2ForSequenceClassification` parameters.
 
 The conversion is one table (`_RULES`): each model parameter, the HF tensor it comes from, and the
 layout change between them. Import never materialises a whole parameter on the host: every device
@@ -28,7 +29,7 @@ from safetensors.numpy import save_file
 from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.model.config import QwenConfig
 from qwen_jax.model.layers import Runtime
-from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
+from qwen_jax.model.transformer import Qwen2Model, abstract_model
 from qwen_jax.parallel import host_data
 from qwen_jax.parallel import mesh as mesh_lib
 from qwen_jax.parallel.logical import LogicalRules
@@ -96,7 +97,9 @@ def _rules(config: QwenConfig) -> list[_Rule]:
         rules.append(
             _Rule(("layers", "mlp", proj, "kernel"), layer + f"mlp.{proj}.weight", "transpose")
         )
-    if not config.tie_word_embeddings:
+    if config.num_labels is not None:
+        rules.append(_Rule(("score", "kernel"), "score.weight", "transpose"))
+    elif not config.tie_word_embeddings:
         rules.append(_Rule(("lm_head", "kernel"), "lm_head.weight", "transpose"))
     return rules
 
@@ -224,14 +227,13 @@ class HFCheckpoint:
             )
         # Tied checkpoints sometimes also store lm_head.weight (a copy of the embedding); it is
         # redundant, not wrong.
+        redundant = config.tie_word_embeddings and config.num_labels is None
         unused = sorted(
-            set(self.weight_map)
-            - set(expected)
-            - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+            set(self.weight_map) - set(expected) - ({"lm_head.weight"} if redundant else set())
         )
         if unused:
             raise ValueError(
-                f"{self.directory}: tensors with no place in Qwen2ForCausalLM: "
+                f"{self.directory}: tensors with no place in {config.architecture}: "
                 f"{unused[:5]} ({len(unused)} in all)"
             )
         for name, shape in expected.items():
@@ -259,8 +261,9 @@ def load_model(
     mesh: Mesh | None = None,
     rules: LogicalRules | None = None,
     config: QwenConfig | None = None,
-) -> Qwen2ForCausalLM:
-    """Builds `Qwen2ForCausalLM` from an HF checkpoint, parameters in `runtime.param_dtype`.
+) -> Qwen2Model:
+    """Builds the checkpoint's model (`transformer.build_model`), parameters in
+    `runtime.param_dtype`.
 
     With `mesh` and `rules`, every parameter is created sharded by its logical names; each process
     reads only the slices its own devices hold. Without them, parameters go to the default device.
@@ -334,7 +337,7 @@ def _load_array(
 
 
 def hf_tensors(
-    model: Qwen2ForCausalLM, dtype: str | None = None
+    model: Qwen2Model, dtype: str | None = None
 ) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(HF name, thunk producing the host array) for every tensor, one layer gathered at a time."""
     config = model.config
@@ -363,7 +366,7 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 
 def save_model(
-    model: Qwen2ForCausalLM,
+    model: Qwen2Model,
     directory: str | os.PathLike,
     *,
     dtype: str = "bfloat16",
@@ -434,14 +437,17 @@ def _write(model, directory, dtype, max_shard_bytes, generation_config, tokenize
                 f,
                 indent=2,
             )
-        hf_config = model.config.to_hf_config()
-        hf_config["torch_dtype"] = dtype
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
         if tokenizer_dir is not None and not tokenizer_lib.copy_files(
             os.fspath(tokenizer_dir), staging
         ):
             raise FileNotFoundError(f"{tokenizer_dir}: none of {tokenizer_lib.FILES}")
+        hf_config = model.config.to_hf_config()
+        hf_config["torch_dtype"] = dtype
+        if model.config.num_labels is not None and model.config.pad_token_id is None:
+            # transformers' classifier refuses batches of more than one row without it.
+            hf_config["pad_token_id"] = _tokenizer_ids(staging)[2]
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
         generation = {
             **_default_generation_config(model.config, staging),
             **(generation_config or {}),
@@ -475,13 +481,18 @@ def _default_generation_config(config: QwenConfig, directory: str) -> dict:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    stops = list(QWEN_STOP_IDS)
-    if os.path.exists(os.path.join(directory, tokenizer_lib.TOKENIZER_JSON)):
-        tokenizer = tokenizer_lib.Tokenizer.from_file(
-            os.path.join(directory, tokenizer_lib.TOKENIZER_JSON)
-        )
-        stops = [tokenizer.im_end_id, tokenizer.eos_id]
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": stops}
+    im_end, eos, _ = _tokenizer_ids(directory)
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": [im_end, eos]}
+
+
+def _tokenizer_ids(directory: str) -> tuple[int, int, int]:
+    """(`<|im_end|>`, `<|endoftext|>`, padding) ids of the tokenizer in `directory`, else
+    Qwen2.5's (which pads with `<|endoftext|>`)."""
+    path = os.path.join(directory, tokenizer_lib.TOKENIZER_JSON)
+    if not os.path.exists(path):
+        return (*QWEN_STOP_IDS, QWEN_STOP_IDS[1])
+    tokenizer = tokenizer_lib.Tokenizer.from_file(path)
+    return tokenizer.im_end_id, tokenizer.eos_id, tokenizer.pad_id
 
 
 def _write_shard(directory: str, number: int, tensors: dict[str, np.ndarray]) -> None:

@@ -99,16 +99,27 @@ class ChatToExample:
 
 
 def response_example(
-    tokenizer: Tokenizer, prompt_ids: np.ndarray, response: str, max_response_len: int | None = None
+    tokenizer: Tokenizer,
+    prompt_ids: np.ndarray,
+    response: str,
+    max_response_len: int | None = None,
+    *,
+    shift: bool = True,
 ) -> dict[str, np.ndarray]:
     """`prompt + response` shifted for next-token prediction; the response (the answer plus
-    `<|im_end|>`, its first `max_response_len` tokens) carries the loss mask."""
-    response_ids = np.asarray(tokenizer.encode(response) + [tokenizer.im_end_id], np.int32)
+    `<|im_end|>`, its first `max_response_len` tokens) carries the loss mask. `shift=False`: the
+    whole conversation as `inputs`, ending `<|im_end|>\n` as the chat template writes it, with
+    the response's mask: a reward model reads its last token, as transformers' classifier reads
+    the last token of `apply_chat_template`'s output."""
+    closing = [tokenizer.im_end_id] + ([] if shift else tokenizer.encode("\n"))
+    response_ids = np.asarray(tokenizer.encode(response) + closing, np.int32)
     response_ids = response_ids[:max_response_len]
     ids = np.concatenate([prompt_ids, response_ids])
     mask = np.concatenate(
         [np.zeros(len(prompt_ids), np.float32), np.ones(len(response_ids), np.float32)]
     )
+    if not shift:
+        return {"inputs": ids.astype(np.int32), "loss_mask": mask}
     return shifted_example(ids, mask)
 
 
@@ -131,6 +142,8 @@ class PreferenceToExample:
     length prompt_len + response_len; `*_loss_mask` is 1 where the target is a response token.
     With `reference_logps` ({record location: (chosen, rejected) summed log-probs}, computed once
     before DPO training), rows also carry `reference_chosen_logps` and `reference_rejected_logps`.
+    `shift=False` (a reward model's rows): each conversation whole as `*_inputs`, no targets
+    (see `response_example`).
     """
 
     def __init__(
@@ -140,7 +153,9 @@ class PreferenceToExample:
         response_len: int,
         system_prompt: str | None,
         reference_logps: Mapping[str, tuple[float, float]] | None = None,
+        shift: bool = True,
     ):
+        self._shift = shift
         self._tokenizer = tokenizer
         self._prompt_len = prompt_len
         self._response_len = response_len
@@ -157,7 +172,9 @@ class PreferenceToExample:
         prompt_ids = prompt_ids[-self._prompt_len :]
         out = {}
         for name in ("chosen", "rejected"):
-            example = response_example(self._tokenizer, prompt_ids, doc[name], self._response_len)
+            example = response_example(
+                self._tokenizer, prompt_ids, doc[name], self._response_len, shift=self._shift
+            )
             row = pad_row(example, self._prompt_len + self._response_len, self._tokenizer.pad_id)
             for k, v in row.items():
                 out[f"{name}_{k}"] = v

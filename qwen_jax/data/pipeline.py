@@ -408,14 +408,15 @@ def dpo_iterator(
     num_epochs: int | None = None,
     system_prompt: str | None = chat.DEFAULT_SYSTEM_PROMPT,
     reference_logps: Mapping[str, tuple[float, float]] | None = None,
+    shift: bool = True,
     **reading,
 ) -> grain.DatasetIterator:
     """Preference pairs, one per row: `chosen_*` and `rejected_*` batches of the same pairs, rows
     of prompt_len + response_len tokens. `source`: Source(s) or glob(s) of preference records,
-    explicit or implicit prompt (`qwen_jax.data.documents`). `reference_logps`: see
+    explicit or implicit prompt (`qwen_jax.data.documents`). `reference_logps`, `shift`: see
     `examples.PreferenceToExample`; `reading`: as for `sft_iterator`."""
     to_example = examples.PreferenceToExample(
-        tokenizer, prompt_len, response_len, system_prompt, reference_logps
+        tokenizer, prompt_len, response_len, system_prompt, reference_logps, shift
     )
     srcs = _as_sources(source, "prompt/chosen/rejected")
     return _record_batches(

@@ -85,6 +85,11 @@ class Tokenizer:
         return {self.decode([i]): i for i in (self.eos_id, self.im_start_id, self.im_end_id)}
 
     @property
+    def vocab(self) -> dict[str, int]:
+        """Every token, added ones included, with its id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can emit (ranked tokens plus added control tokens)."""
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -9,6 +9,8 @@ from typing import Any
 # Qwen2.5 checkpoints pad the tokenizer's 151,665 ids to a multiple of 128.
 QWEN2_5_VOCAB_SIZE = 151_936
 HF_ARCHITECTURE = "Qwen2ForCausalLM"
+# The same decoder with a linear `score` head read at each sequence's last token (reward models).
+HF_CLASSIFIER_ARCHITECTURE = "Qwen2ForSequenceClassification"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,12 @@ class QwenConfig:
     initializer_range: float = 0.02
     bos_token_id: int = 151_643
     eos_token_id: int = 151_643
+    # None: a causal LM (`Qwen2ForCausalLM`); n: a sequence classifier with n outputs
+    # (`Qwen2ForSequenceClassification`; a reward model has 1).
+    num_labels: int | None = None
+    # transformers' classifier reads its score at the last token that is not this id; kept so
+    # an export scores as it does here (qwen_jax itself reads the last non-padding position).
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         for name in (
@@ -91,6 +99,16 @@ class QwenConfig:
             raise ValueError(f"QwenConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.rope_theta <= 0:
             raise ValueError(f"QwenConfig.rope_theta={self.rope_theta} must be positive")
+        if self.num_labels is not None and (
+            not isinstance(self.num_labels, int) or self.num_labels <= 0
+        ):
+            raise ValueError(
+                f"QwenConfig.num_labels={self.num_labels!r} must be a positive integer"
+            )
+
+    @property
+    def architecture(self) -> str:
+        return HF_ARCHITECTURE if self.num_labels is None else HF_CLASSIFIER_ARCHITECTURE
 
     def replace(self, **changes) -> "QwenConfig":
         return dataclasses.replace(self, **changes)
@@ -99,11 +117,18 @@ class QwenConfig:
     def from_hf_config(cls, hf: dict[str, Any], source: str = "config.json") -> "QwenConfig":
         """Builds the config from a transformers Qwen2 `config.json` dict (v4 or v5 layout)."""
         architectures = hf.get("architectures") or [HF_ARCHITECTURE]
-        if hf.get("model_type", "qwen2") != "qwen2" or HF_ARCHITECTURE not in architectures:
+        known = (HF_ARCHITECTURE, HF_CLASSIFIER_ARCHITECTURE)
+        if hf.get("model_type", "qwen2") != "qwen2" or not set(known) & set(architectures):
             raise ValueError(
                 f"{source}: unsupported architecture model_type={hf.get('model_type')!r} "
-                f"architectures={architectures!r}; qwen_jax reads {HF_ARCHITECTURE} (model_type 'qwen2')"
+                f"architectures={architectures!r}; qwen_jax reads {' and '.join(known)} "
+                f"(model_type 'qwen2')"
             )
+        num_labels = pad_token_id = None
+        if HF_CLASSIFIER_ARCHITECTURE in architectures:
+            # transformers derives num_labels from id2label (2 when neither is given).
+            num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
+            pad_token_id = hf.get("pad_token_id")
         if hf.get("use_sliding_window"):
             raise ValueError(
                 f"{source}: use_sliding_window=true is not supported (Qwen2.5 does not use it)"
@@ -148,6 +173,8 @@ class QwenConfig:
                 initializer_range=hf.get("initializer_range", 0.02),
                 bos_token_id=hf.get("bos_token_id") or 151_643,
                 eos_token_id=eos[0] if isinstance(eos, list) else (eos or 151_643),
+                num_labels=num_labels,
+                pad_token_id=pad_token_id,
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
@@ -155,7 +182,7 @@ class QwenConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """Every field of a transformers `Qwen2Config`, readable by transformers v4 and v5."""
         hf = {
-            "architectures": [HF_ARCHITECTURE],
+            "architectures": [self.architecture],
             "model_type": "qwen2",
             "hidden_act": "silu",
             "attention_dropout": 0.0,
@@ -181,6 +208,11 @@ class QwenConfig:
         }
         if self.head_dim != self.hidden_size // self.num_attention_heads:
             hf["head_dim"] = self.head_dim
+        if self.num_labels is not None:
+            labels = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            hf["id2label"] = labels
+            hf["label2id"] = {name: int(i) for i, name in labels.items()}
+            hf["pad_token_id"] = self.pad_token_id
         return hf
 
 
@@ -191,7 +223,10 @@ def parameter_count(config: QwenConfig) -> int:
     attention = h * q + q + 2 * (h * kv + kv) + q * h
     mlp = 3 * h * config.intermediate_size
     layer = attention + mlp + 2 * h
-    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    if config.num_labels is not None:  # the score head replaces the output projection
+        embeddings = config.vocab_size * h + h * config.num_labels
+    else:
+        embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return config.num_hidden_layers * layer + embeddings + h
 
 
@@ -203,7 +238,7 @@ def model_flops_per_token(config: QwenConfig, seq_len: int) -> float:
     halved by the causal mask, times 3 for forward+backward.
     """
     matmul_params = parameter_count(config)
-    if not config.tie_word_embeddings:
+    if not config.tie_word_embeddings or config.num_labels is not None:
         matmul_params -= config.vocab_size * config.hidden_size
     attention = (
         6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len

@@ -1,7 +1,9 @@
-"""Qwen2ForCausalLM in Flax NNX, with layers stacked and applied by `lax.scan`.
+"""Qwen2ForCausalLM and Qwen2ForSequenceClassification in Flax NNX: one decoder (`Qwen2Model`),
+its layers stacked and applied by `lax.scan`, under a language-model head or a score head.
 
 Stacking makes compile time independent of depth: the decoder layer is traced once and its
-parameters carry a leading "layers" axis.
+parameters carry a leading "layers" axis. The heads subclass the decoder rather than wrap it, so
+parameter paths stay those of the HF checkpoint without its "model." prefix.
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ class LMHead(nnx.Module):
         self.kernel = _normal_param(config, runtime, rngs, shape, ("embed", "vocab"))
 
 
-class Qwen2ForCausalLM(nnx.Module):
+class Qwen2Model(nnx.Module):
+    """The decoder without a head: embeddings, stacked layers, final norm."""
+
     def __init__(self, config: QwenConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
         runtime = runtime or Runtime()
         if runtime.remat_policy not in REMAT_POLICIES:
@@ -107,23 +111,6 @@ class Qwen2ForCausalLM(nnx.Module):
 
         self.layers = stacked_layers(rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, runtime, rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else LMHead(config, runtime, rngs=rngs)
-
-    def output_kernel(self) -> jax.Array:
-        """The [embed, vocab] matrix that turns hidden states into logits (tied or not)."""
-        if self.lm_head is None:
-            return self.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        dtype = self.runtime.compute_dtype
-        out = jnp.einsum(
-            "btd,dv->btv",
-            hidden.astype(dtype),
-            self.output_kernel().astype(dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
     def hidden_states(
         self,
@@ -178,6 +165,35 @@ class Qwen2ForCausalLM(nnx.Module):
             )
         return self.norm(x), cache
 
+
+class Qwen2ForCausalLM(Qwen2Model):
+    def __init__(self, config: QwenConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+        if config.num_labels is not None:
+            raise ValueError(
+                f"QwenConfig.num_labels={config.num_labels} describes a sequence classifier, "
+                f"not a causal LM"
+            )
+        super().__init__(config, runtime, rngs=rngs)
+        self.lm_head = (
+            None if config.tie_word_embeddings else LMHead(config, self.runtime, rngs=rngs)
+        )
+
+    def output_kernel(self) -> jax.Array:
+        """The [embed, vocab] matrix that turns hidden states into logits (tied or not)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        dtype = self.runtime.compute_dtype
+        out = jnp.einsum(
+            "btd,dv->btv",
+            hidden.astype(dtype),
+            self.output_kernel().astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+
     def __call__(
         self,
         input_ids: jax.Array,
@@ -187,6 +203,60 @@ class Qwen2ForCausalLM(nnx.Module):
         """Logits [batch, length, vocab] in float32."""
         hidden, _ = self.hidden_states(input_ids, positions, segment_ids)
         return self.logits(hidden)
+
+
+class ScoreHead(nnx.Module):
+    def __init__(self, config: QwenConfig, runtime: Runtime, *, rngs: nnx.Rngs):
+        shape = (config.hidden_size, config.num_labels)
+        # A handful of outputs: replicated.
+        self.kernel = _normal_param(config, runtime, rngs, shape, ("embed", None))
+
+
+def last_token_index(segment_ids: jax.Array) -> jax.Array:
+    """[batch] index of each row's last non-padding token (segment id != 0), whichever side the
+    padding is on; 0 for a row of padding only."""
+    positions = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(segment_ids != 0, positions, 0), axis=-1)
+
+
+class Qwen2ForSequenceClassification(Qwen2Model):
+    """transformers' `Qwen2ForSequenceClassification`: a bias-free `score` projection of the
+    final hidden state at each row's last token (a reward model when num_labels is 1)."""
+
+    def __init__(self, config: QwenConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+        if config.num_labels is None:
+            raise ValueError("Qwen2ForSequenceClassification needs QwenConfig.num_labels")
+        super().__init__(config, runtime, rngs=rngs)
+        self.score = ScoreHead(config, self.runtime, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Scores [batch, num_labels] in float32, read at each row's last non-padding token
+        (segment id 0 marks padding; without segment ids, the last token)."""
+        hidden, _ = self.hidden_states(input_ids, positions, segment_ids)
+        if segment_ids is None:
+            last = jnp.full(hidden.shape[:1], hidden.shape[1] - 1, jnp.int32)
+        else:
+            last = last_token_index(segment_ids)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        dtype = self.runtime.compute_dtype
+        return jnp.einsum(
+            "bd,dl->bl",
+            pooled.astype(dtype),
+            self.score.kernel[...].astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+def build_model(config: QwenConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+    """The model `config` describes: a classifier when it sets num_labels, else a causal LM."""
+    if config.num_labels is None:
+        return Qwen2ForCausalLM(config, runtime, rngs=rngs)
+    return Qwen2ForSequenceClassification(config, runtime, rngs=rngs)
 
 
 def abstract_module(
@@ -207,8 +277,6 @@ def abstract_module(
 def abstract_model(
     config: QwenConfig, runtime: Runtime | None = None
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, abstract parameter State) of `Qwen2ForCausalLM(config, runtime)`."""
-    graphdef, params, _ = abstract_module(
-        lambda: Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))
-    )
+    """(graphdef, abstract parameter State) of `build_model(config, runtime)`."""
+    graphdef, params, _ = abstract_module(lambda: build_model(config, runtime, rngs=nnx.Rngs(0)))
     return graphdef, params

@@ -174,6 +174,6 @@ def make_dpo_loss_fn(config: DPOConfig, *, chunk_size: int = 2048):
     return loss_fn
 
 
-def pair_means(metrics: dict) -> dict:
-    """Divides the summed pair metrics of a step by its number of pairs."""
-    return {k: (v / metrics["weight"] if k in PAIR_METRICS else v) for k, v in metrics.items()}
+def pair_means(metrics: dict, names=PAIR_METRICS) -> dict:
+    """Divides the summed pair metrics `names` of a step by its number of pairs."""
+    return {k: (v / metrics["weight"] if k in names else v) for k, v in metrics.items()}

@@ -185,6 +185,27 @@ class GRPOTask(Task):
             worker_count=self.worker_count,
         )
 
+    def check(self, init_from, tokenizer) -> None:
+        for fn in self.reward_functions:
+            if hasattr(fn, "check"):  # a reward model: its checkpoint, before anything is written
+                fn.check(tokenizer)
+
+    def prepare(self, workdir, tokenizer, init_from, load_model, placement) -> bool:
+        """Loads the reward functions that score with a model (`reward_model.RewardModelScore`)
+        onto the run's mesh."""
+        for fn in self.reward_functions:
+            if hasattr(fn, "attach"):
+                fn.attach(
+                    tokenizer,
+                    system_prompt=self.system_prompt,
+                    max_prompt_len=self.max_prompt_len,
+                    # The completion's text, then `<|im_end|>\n`.
+                    max_length=self.max_prompt_len + self.max_new_tokens + 2,
+                    load_model=load_model,
+                    placement=placement,
+                )
+        return False
+
     def initial_frozen(self, params, load_params):
         if not self.needs_frozen:
             return None

@@ -27,12 +27,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from qwen_jax.checkpoint import model_io
+from qwen_jax.checkpoint import model_io, pretrained
 from qwen_jax.checkpoint.manager import CheckpointError, TrainCheckpointer
 from qwen_jax.data.shards import ShardedIterator
 from qwen_jax.eval import in_loop
 from qwen_jax.model.config import model_flops_per_token
-from qwen_jax.model.transformer import Qwen2ForCausalLM, abstract_model
+from qwen_jax.model.transformer import abstract_model, build_model
 from qwen_jax.parallel import host_data
 from qwen_jax.train import metrics as metrics_lib
 from qwen_jax.train import run_tokenizer
@@ -202,7 +202,7 @@ def _restore_or_init(setup: TrainSetup, checkpointer: TrainCheckpointer, iterato
     task, run = setup.task, setup.run
     config = task.model_config(setup.model_config, task.stage(iterator.first))
     state, _, shardings = create_train_state(
-        lambda: Qwen2ForCausalLM(config, setup.runtime, rngs=nnx.Rngs(run.seed)),
+        lambda: build_model(config, setup.runtime, rngs=nnx.Rngs(run.seed)),
         setup.optimizer,
         setup.mesh,
         setup.rules,
@@ -224,9 +224,11 @@ def _restore_or_init(setup: TrainSetup, checkpointer: TrainCheckpointer, iterato
         return state, shardings, step
 
     def load_params(directory: str):
-        return model_io.load_model_checkpoint(
-            directory, shardings.params, setup.runtime.param_dtype
-        )[1]
+        dtype = setup.runtime.param_dtype
+        if model_io.read_model_config(directory).num_labels != config.num_labels:
+            # Another head over the same decoder (a reward model started from a causal LM).
+            return model_io.load_decoder(directory, state.params, shardings.params, dtype)
+        return model_io.load_model_checkpoint(directory, shardings.params, dtype)[1]
 
     if run.init_from is not None:
         state = state.replace(params=load_params(run.init_from))
@@ -273,15 +275,14 @@ def _train(workdir: str, setup: TrainSetup) -> Result:
     if jax.process_index() == 0:
         run_tokenizer.keep(workdir, setup.tokenizer_path)
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), setup.checkpoint)
+    placement = host_data.Placement(setup.mesh, setup.rules)
     try:
         prepared = task.prepare(
             workdir,
             tokenizer,
             run.init_from,
-            lambda directory: model_io.load_model(
-                directory, setup.runtime, mesh=setup.mesh, rules=setup.rules
-            ),
-            host_data.Placement(setup.mesh, setup.rules),
+            lambda directory: pretrained.load(directory, setup.runtime, placement)[0],
+            placement,
         )
         if prepared:  # the rows now carry what the preparation computed
             iterator = _data(setup)

@@ -124,7 +124,7 @@ def resolve(
     tokenizer = Tokenizer.from_file(tokenizer_path)
     config = model_config(preset, run.init_from)
     run_tokenizer.check(tokenizer, tokenizer_path, config, run.init_from)
-    run.task.check(run.init_from)
+    run.task.check(run.init_from, tokenizer)
     if run.lm_eval is not None:
         run.lm_eval.check()
     return TrainSetup(

@@ -72,8 +72,9 @@ class Task(Protocol):
         whole (generation on a held-out set)."""
         ...
 
-    def check(self, init_from: str | None) -> None:
-        """Refuses, before anything is written, a run this task cannot do from `init_from`."""
+    def check(self, init_from: str | None, tokenizer: Tokenizer) -> None:
+        """Refuses, before anything is written, a run this task cannot do from `init_from`
+        with the run's `tokenizer`."""
 
     def prepare(
         self,
@@ -290,7 +291,64 @@ class SFTTask(Task):
         return scalars, text
 
 
-class DPOTask(Task):
+class PairTask(Task):
+    """The data side of the tasks trained on preference pairs (DPO, reward models): each row
+    holds one sequence of the pair, the prompt's last `prompt_len` tokens (default: half of
+    seq_len), then the response's first `seq_len - prompt_len` (TRL's max_prompt_length and
+    max_length)."""
+
+    def _set_pairs(
+        self,
+        source,
+        seq_len: int,
+        batch_size: int,
+        prompt_len: int | None,
+        num_epochs: int | None,
+        eval_source,
+        eval_batch_size: int,
+        system_prompt: str | None,
+        worker_count: int,
+    ) -> None:
+        prompt_len = seq_len // 2 if prompt_len is None else prompt_len
+        if not 0 < prompt_len < seq_len:
+            raise ValueError(
+                f"{type(self).__name__}: prompt_len {prompt_len} must be in (0, seq_len {seq_len})"
+            )
+        self.source, self.prompt_len, self.response_len = source, prompt_len, seq_len - prompt_len
+        self.batch_size, self.num_epochs = batch_size, num_epochs
+        self.finite_data = num_epochs is not None
+        self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
+        self.system_prompt, self.worker_count = system_prompt, worker_count
+
+    def _row_options(self) -> dict:
+        """Further arguments of `pipeline.dpo_iterator` for this task's rows."""
+        return {}
+
+    def _pairs(self, source, tokenizer, **kwargs):
+        return pipeline.dpo_iterator(
+            source,
+            tokenizer,
+            prompt_len=self.prompt_len,
+            response_len=self.response_len,
+            system_prompt=self.system_prompt,
+            **self._row_options(),
+            **kwargs,
+        )
+
+    def iterator(self, tokenizer, seed: int, *, shard_index: int, shard_count: int):
+        return self._pairs(
+            self.source,
+            tokenizer,
+            batch_size=self.batch_size,
+            seed=seed,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            num_epochs=self.num_epochs,
+            worker_count=self.worker_count,
+        )
+
+
+class DPOTask(PairTask):
     """DPO on preference pairs against a frozen reference (by default the starting weights; the
     loop loads `reference` when it names another checkpoint).
 
@@ -320,19 +378,20 @@ class DPOTask(Task):
         chunk_size: int = 2048,
         worker_count: int = 0,
     ):
-        prompt_len = seq_len // 2 if prompt_len is None else prompt_len
-        if not 0 < prompt_len < seq_len:
-            raise ValueError(f"DPOTask: prompt_len {prompt_len} must be in (0, seq_len {seq_len})")
-        # A row holds one sequence of the pair: the prompt's last `prompt_len` tokens, then the
-        # response's first `seq_len - prompt_len` (TRL's max_prompt_length and max_length).
-        self.source, self.prompt_len, self.response_len = source, prompt_len, seq_len - prompt_len
-        self.batch_size, self.num_epochs = batch_size, num_epochs
-        self.finite_data = num_epochs is not None
+        self._set_pairs(
+            source,
+            seq_len,
+            batch_size,
+            prompt_len,
+            num_epochs,
+            eval_source,
+            eval_batch_size,
+            system_prompt,
+            worker_count,
+        )
         self.config = config or dpo.DPOConfig()
         self.reference, self.precompute_reference = reference, precompute_reference
-        self.eval_source, self.eval_batch_size = eval_source, eval_batch_size
-        self.max_new_tokens, self.system_prompt = max_new_tokens, system_prompt
-        self.worker_count, self.chunk_size = worker_count, chunk_size
+        self.max_new_tokens, self.chunk_size = max_new_tokens, chunk_size
         self.loss_fn = dpo.make_dpo_loss_fn(self.config, chunk_size=chunk_size)
         self.reference_logps = None
         self.needs_frozen = not precompute_reference
@@ -351,7 +410,7 @@ class DPOTask(Task):
             )
         return reference
 
-    def check(self, init_from: str | None) -> None:
+    def check(self, init_from: str | None, tokenizer: Tokenizer) -> None:
         if self.precompute_reference:
             self._reference_dir(init_from)
 
@@ -383,28 +442,8 @@ class DPOTask(Task):
             return None
         return load_params(self.reference) if self.reference else params
 
-    def _pairs(self, source, tokenizer, **kwargs):
-        return pipeline.dpo_iterator(
-            source,
-            tokenizer,
-            prompt_len=self.prompt_len,
-            response_len=self.response_len,
-            system_prompt=self.system_prompt,
-            reference_logps=self.reference_logps,
-            **kwargs,
-        )
-
-    def iterator(self, tokenizer, seed: int, *, shard_index: int, shard_count: int):
-        return self._pairs(
-            self.source,
-            tokenizer,
-            batch_size=self.batch_size,
-            seed=seed,
-            shard_index=shard_index,
-            shard_count=shard_count,
-            num_epochs=self.num_epochs,
-            worker_count=self.worker_count,
-        )
+    def _row_options(self) -> dict:
+        return {"reference_logps": self.reference_logps}
 
     def step_metrics(self, metrics: dict) -> dict:
         return dpo.pair_means(metrics)

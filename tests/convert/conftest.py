@@ -1,5 +1,9 @@
 """Tiny transformers Qwen2 models: the independent reference for conversion and parity tests."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -67,3 +71,18 @@ def left_padded_batch(vocab: int, batch: int = 3, length: int = 24, seed: int = 
         mask[row, :pad] = 0
         ids[row, :pad] = 0
     return ids, mask
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(module, *args):
+    """`python -m module args...` from the repository root, on the CPU."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -1,8 +1,6 @@
 """The conversion entry points end to end: HF -> `import_hf` -> model checkpoint -> `export` -> HF."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,22 +10,9 @@ import pytest
 import torch
 import transformers
 
-from conftest import hf_model, left_padded_batch, tiny_config
+from conftest import hf_model, left_padded_batch, run, tiny_config
 from qwen_jax.checkpoint import model_io
 from qwen_jax.model.generate import prompt_positions
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run(module, *args):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
