@@ -125,6 +125,14 @@ class Placement:
             for k in shapes
         }
 
+    def to_local(self, x: jax.Array) -> np.ndarray:
+        """The rows of `x`, a result of a program fed by `from_local`, that this process fed.
+        A program may hand back its result replicated (the decoder's loop does); it is first
+        laid out over the batch axes like its input rows, so each process reads its own."""
+        return local_rows(
+            jax.device_put(x, mesh_lib.batch_sharding(self.mesh, self.rules, x.shape[0]))
+        )
+
     def padded_size(self, count: int) -> int:
         """The smallest global batch size that holds `count` rows."""
         return -(-count // self.batch_shards) * self.batch_shards

@@ -27,7 +27,6 @@ from qwen_jax.data.chat import DEFAULT_SYSTEM_PROMPT
 from qwen_jax.data.examples import PromptToExample
 from qwen_jax.data.tokenizer import Tokenizer
 from qwen_jax.model.generate import Sampling, generate
-from qwen_jax.parallel import host_data
 from qwen_jax.train import evaluation, grpo, rewards
 from qwen_jax.train.tasks import Task
 
@@ -58,6 +57,14 @@ def completion_rows(
         "segment_ids": real[:, :-1].astype(np.int32),
         "completion_mask": is_completion[:, 1:].astype(np.float32),
     }
+
+
+def _everyone(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of `local`, in process order (the rows of the global batch)."""
+    if jax.process_count() == 1:
+        return local
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    return gathered.reshape(-1, *local.shape[1:])
 
 
 @functools.partial(nnx.jit, static_argnames=("temperature", "chunk_size"))
@@ -267,7 +274,7 @@ class GRPOTask(Task):
             rng=jax.random.fold_in(jax.random.key(seed), step),
             pad_id=tokenizer.pad_id,
         )
-        tokens, lengths = host_data.local_rows(tokens), host_data.local_rows(lengths)
+        tokens, lengths = placement.to_local(tokens), placement.to_local(lengths)
         generate_s = time.monotonic() - start
 
         ids = [[int(t) for t in row[:n] if t not in stops] for row, n in zip(tokens, lengths)]
@@ -276,9 +283,10 @@ class GRPOTask(Task):
             records, texts, [list(row[:n]) for row, n in zip(tokens, lengths)]
         )
         local_rewards = grpo.combine_rewards(per_function, self.reward_weights)
-        all_rewards = local_rewards
-        if jax.process_count() > 1:  # groups stay on one process; batch scaling needs them all
-            all_rewards = np.asarray(multihost_utils.process_allgather(local_rewards)).reshape(-1)
+        # A process's rows are its groups; batch scaling and the logged figures need them all.
+        all_rewards, all_per_function, all_tokens, all_lengths = (
+            _everyone(x) for x in (local_rewards, per_function, tokens, lengths)
+        )
         advantages, stats = grpo.advantages(all_rewards, config)
         first = jax.process_index() * len(local_rewards)
         rows = completion_rows(prompt_ids, prompt_mask, tokens, lengths, tokenizer.pad_id)
@@ -289,19 +297,19 @@ class GRPOTask(Task):
             rows["ref_logps"] = self._logps(_with_params(policy, frozen), rows, placement)
 
         # A row's length counts up to its first stop token, so it ended iff its last one is a stop.
-        terminated = np.isin(tokens[np.arange(len(tokens)), lengths - 1], stops)
+        terminated = np.isin(all_tokens[np.arange(len(all_tokens)), all_lengths - 1], stops)
         metrics = {
             **stats,
-            "completions/mean_length": float(lengths.mean()),
-            "completions/min_length": float(lengths.min()),
-            "completions/max_length": float(lengths.max()),
+            "completions/mean_length": float(all_lengths.mean()),
+            "completions/min_length": float(all_lengths.min()),
+            "completions/max_length": float(all_lengths.max()),
             "completions/clipped_ratio": float(1.0 - terminated.mean()),
             "rollout/seconds": time.monotonic() - rollout_start,
             "rollout/generate_s": generate_s,
-            "rollout/tokens_per_s": float(lengths.sum()) / max(generate_s, 1e-9),
+            "rollout/tokens_per_s": float(all_lengths.sum()) / max(generate_s, 1e-9),
         }
         for j, name in enumerate(self.reward_names):
-            column = per_function[:, j]
+            column = all_per_function[:, j]
             applied = column[~np.isnan(column)]
             metrics[f"rewards/{name}/mean"] = float(applied.mean()) if applied.size else 0.0
             metrics[f"rewards/{name}/std"] = float(applied.std(ddof=1)) if applied.size > 1 else 0.0
@@ -313,7 +321,7 @@ class GRPOTask(Task):
         logps = _completion_logps(
             model, placed, temperature=self.sampling.temperature, chunk_size=self.chunk_size
         )
-        return host_data.local_rows(logps)
+        return placement.to_local(logps)
 
     def step_metrics(self, metrics: dict) -> dict:
         return grpo.step_means(metrics)

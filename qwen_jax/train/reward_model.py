@@ -31,7 +31,6 @@ from qwen_jax.data import tokenizer as tokenizer_lib
 from qwen_jax.data.chat import DEFAULT_SYSTEM_PROMPT
 from qwen_jax.data.tokenizer import Tokenizer
 from qwen_jax.model.config import QwenConfig
-from qwen_jax.parallel import host_data
 from qwen_jax.train import dpo, rewards
 from qwen_jax.train.tasks import PairTask, eval_pass
 
@@ -238,7 +237,7 @@ class RewardModelScore:
                 k: np.stack([r[k] for r in padded]) for k in ("inputs", "positions", "segment_ids")
             }
             out = _scores(self._model, self._placement.from_local(batch, split_length=False))
-            scores.extend(host_data.local_rows(out)[: len(chunk)].tolist())
+            scores.extend(self._placement.to_local(out)[: len(chunk)].tolist())
         return scores
 
 

@@ -2,7 +2,7 @@
 8-device process does: the same losses, a kill -9 resumed with every process's data position,
 a checkpoint that restores in one 4-device process, an export equal to a single-process one; and
 a killed peer ends the other process instead of leaving it blocked; DPO's reference pass and
-evaluation, split over two processes, give what one process gives."""
+evaluation, split over two processes, give what one process gives, and so does GRPO."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import time
 
 import numpy as np
 import pytest
+from flax import nnx
 import safetensors.numpy
 
 import train_runs
+from qwen_jax.checkpoint import model_io
 from qwen_jax.data.train_tokenizer import DEMO_TOKENIZER_PATH
+from qwen_jax.model.transformer import build_model
 from qwen_jax.train import reference
 
 TOLERANCE = 1e-5
@@ -266,3 +269,67 @@ def test_sft_exact_match_on_two_processes_as_on_one(tmp_path):
     # The 5 held-out prompts' greedy answers at steps 0 and 2, word for word (this random
     # model's answers are whitespace, so this is the weaker half of the check).
     assert len(_answers(one_log)) == 10 and _answers(two_log) == _answers(one_log)
+
+
+def test_grpo_on_two_processes_as_on_one(tmp_path):
+    """The demo's GRPO (a frozen reference, two updates per generation batch, batch-scaled
+    rewards, a reward model among the rewards), its prompts in two data shards, on an fsdp=4
+    mesh: each process samples and scores its own prompts' groups, and the run logs and learns
+    what one process does."""
+    data = train_runs.write_data(tmp_path / "data")
+    train_runs.save_tiny_checkpoint(tmp_path / "init", seed=1)
+    reward_config = train_runs.tiny_config(num_labels=1)  # a random reward model
+    classifier = build_model(reward_config, rngs=nnx.Rngs(2))
+    model_io.save_model_checkpoint(
+        tmp_path / "reward_model", model_io.model_params(classifier), reward_config
+    )
+    params = [
+        "from qwen_jax.train import reward_model",
+        f"reward_model.RewardModelScore.checkpoint = '{tmp_path / 'reward_model'}'",
+        "reward_model.RewardModelScore.batch_size = 4",
+        f"setup.RunConfig.tokenizer_path = '{DEMO_TOKENIZER_PATH}'",
+        f"GRPO_PROMPTS = '{data['grpo_prompts.jsonl']}'",
+        f"GRPO_EVAL = '{data['grpo_eval.jsonl']}'",
+        f"INIT_FROM = '{tmp_path / 'init'}'",
+        "GRPO_STEPS = 3",
+        "grpo_task.GRPOTask.batch_size = 2",
+        "grpo_task.GRPOTask.max_prompt_len = 40",
+        "grpo_task.GRPOTask.max_new_tokens = 6",
+        "grpo_task.GRPOTask.eval_examples = 6",
+        "grpo_task.GRPOTask.reward_functions = "
+        "[@rewards.ExactMatch(), @rewards.FormatMatch(), @reward_model.RewardModelScore()]",
+        "rewards.FormatMatch.pattern = '.*[aeiou].*'",
+        "grpo.GRPOConfig.num_generations = 4",
+        "grpo.GRPOConfig.beta = 0.04",
+        "grpo.GRPOConfig.num_iterations = 2",
+        "grpo.GRPOConfig.scale_rewards = 'batch'",
+        "optimizer.warmup_cosine.peak_lr = 1e-3",
+        "optimizer.warmup_cosine.warmup_steps = 1",
+        "setup.RunConfig.eval_at_start = False",
+        "setup.RunConfig.log_every = 1",
+        "setup.RunConfig.data_shards = 2",
+        "mesh.MeshConfig.data = 1",
+        "mesh.MeshConfig.fsdp = 4",
+    ]
+    gin = ["configs/demo/grpo.gin"]
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    train_runs.run(one, gin, params, extra_env=_env(4))
+    _finish(_launch(train_runs.command(two, gin, params)[3:], devices=2))
+
+    keys = ("loss", "reward", "reward_std", "kl", "rewards/exact_match/mean",
+            "rewards/format/mean", "rewards/reward_model/mean", "completions/mean_length",
+            "completions/clipped_ratio")  # fmt: skip
+    want, got = train_runs.train_records(one), train_runs.train_records(two)
+    assert sorted(want) == sorted(got) == [1, 2, 3]
+    for step in want:
+        for key in keys:
+            assert abs(got[step][key] - want[step][key]) <= TOLERANCE, (step, key)
+    assert any(want[step]["reward_std"] > 0 for step in want)  # advantages were not all 0
+    evals_one, evals_two = (train_runs.train_records(w, "eval")[3] for w in (one, two))
+    assert abs(evals_two["reward"] - evals_one["reward"]) <= TOLERANCE
+    a, b = (
+        train_runs.flat(model_io.load_model_checkpoint(w / "checkpoints" / "3")[1])
+        for w in (one, two)
+    )
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=TOLERANCE, err_msg=name)
