@@ -5,10 +5,10 @@
 
 libtpu describes the slice (`jax.experimental.topologies`), the step (forward, backward, AdamW) is
 lowered with abstract inputs and compiled by the real TPU compiler, and one JSON object goes to
-stdout: memory per chip from `compiled.memory_analysis()`, the step's matmul FLOPs (`train/flops.py`), and
-whether it fits in HBM. Topology names follow Cloud TPU: v4-N and v5p-N count TensorCores (two per
-chip), v5e-N (alias v5litepod-N) and v6e-N count chips; a raw libtpu name such as "v5p:4x4x8"
-works too.
+stdout: memory per chip from `compiled.memory_analysis()`, the step's matmul FLOPs
+(`train/flops.py`), and whether it fits in HBM. Topology names follow Cloud TPU: v4-N and v5p-N
+count TensorCores (two per chip), v5e-N (alias v5litepod-N) and v6e-N count chips; a raw libtpu
+name such as "v5p:4x4x8" works too.
 """
 
 from __future__ import annotations

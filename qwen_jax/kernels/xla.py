@@ -23,7 +23,8 @@ def xla_attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_pos
     batch, q_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = q_heads // kv_heads
-    # Query heads of one group share a KV head: q [b, kv_heads, groups, t, d], k/v [b, kv_heads, s, d].
+    # Query heads of one group share a KV head:
+    # q [b, kv_heads, groups, t, d], k and v [b, kv_heads, s, d].
     q = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)

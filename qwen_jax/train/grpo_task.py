@@ -282,28 +282,29 @@ class GRPOTask(Task):
         per_function = self.score(
             records, texts, [list(row[:n]) for row, n in zip(tokens, lengths)]
         )
-        local_rewards = grpo.combine_rewards(per_function, self.reward_weights)
+        # A row's length counts up to its first stop token, so it ended iff its last one is a stop.
+        terminated = np.isin(tokens[np.arange(len(tokens)), lengths - 1], stops)
         # A process's rows are its groups; batch scaling and the logged figures need them all.
-        all_rewards, all_per_function, all_tokens, all_lengths = (
-            _everyone(x) for x in (local_rewards, per_function, tokens, lengths)
+        all_per_function, all_lengths, all_terminated = (
+            _everyone(x) for x in (per_function, lengths, terminated)
         )
-        advantages, stats = grpo.advantages(all_rewards, config)
-        first = jax.process_index() * len(local_rewards)
+        advantages, stats = grpo.advantages(
+            grpo.combine_rewards(all_per_function, self.reward_weights), config
+        )
+        first = jax.process_index() * len(per_function)
         rows = completion_rows(prompt_ids, prompt_mask, tokens, lengths, tokenizer.pad_id)
-        rows["advantages"] = advantages[first : first + len(local_rewards)]
+        rows["advantages"] = advantages[first : first + len(per_function)]
         if config.num_iterations > 1:
             rows["old_logps"] = self._logps(policy, rows, placement)
         if config.beta:
             rows["ref_logps"] = self._logps(_with_params(policy, frozen), rows, placement)
 
-        # A row's length counts up to its first stop token, so it ended iff its last one is a stop.
-        terminated = np.isin(all_tokens[np.arange(len(all_tokens)), all_lengths - 1], stops)
         metrics = {
             **stats,
             "completions/mean_length": float(all_lengths.mean()),
             "completions/min_length": float(all_lengths.min()),
             "completions/max_length": float(all_lengths.max()),
-            "completions/clipped_ratio": float(1.0 - terminated.mean()),
+            "completions/clipped_ratio": float(1.0 - all_terminated.mean()),
             "rollout/seconds": time.monotonic() - rollout_start,
             "rollout/generate_s": generate_s,
             "rollout/tokens_per_s": float(all_lengths.sum()) / max(generate_s, 1e-9),

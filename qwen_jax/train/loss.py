@@ -3,9 +3,10 @@
 The logits of one chunk are computed, reduced and dropped inside a `lax.scan`. For the training
 loss, the same pass also produces the chunk's gradients (`_fused_loss`, a custom VJP), so the
 logits are computed once per step and never kept; `token_logprobs` instead rematerializes its
-scanned body, recomputing one chunk's logits at a time in the backward pass. Chunks are strided (chunk j holds tokens j, j+n, j+2n, ... for n chunks) rather than
-contiguous: when the length axis is sharded over `sequence`, every chunk still spans all
-sequence shards, so no device idles while another computes its block.
+scanned body, recomputing one chunk's logits at a time in the backward pass. Chunks are strided
+(chunk j holds tokens j, j+n, j+2n, ... for n chunks) rather than contiguous: when the length
+axis is sharded over `sequence`, every chunk still spans all sequence shards, so no device idles
+while another computes its block.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The model is `Qwen2ForSequenceClassification` with one output, its score read at each sequence's
 last token: the conversation (prompt + response) as the chat template writes it, ending
 `<|im_end|>\n`, so an export scores `apply_chat_template`'s output in transformers as it scored
-in training. Per pair, with r_c and r_r the chosen
-and rejected scores and c the `center_rewards_coefficient` (TRL's name; Eisenstein et al. 2023):
+in training. Per pair, with r_c and r_r the chosen and rejected scores and c the
+`center_rewards_coefficient` (TRL's name; Eisenstein et al. 2023):
 
   loss = -log sigmoid(r_c - r_r) + c (r_c + r_r)^2          (Bradley-Terry, plus centering)
 
@@ -160,9 +160,9 @@ class RewardModelScore:
 
     The reward model reads the conversation as the policy's tokenizer writes it: the ChatML
     prompt the policy saw (its last `max_prompt_len` tokens), then the completion's text and
-    `<|im_end|>\n`, the layout `RewardModelTask` trains on (and the chat template writes). So it must share the policy's
-    vocabulary; one of another vocabulary is refused before the run starts. Attached by
-    `GRPOTask.prepare`, which loads it once.
+    `<|im_end|>\n`, the layout `RewardModelTask` trains on (and the chat template writes). So it
+    must share the policy's vocabulary: `GRPOTask.check` refuses one of another vocabulary before
+    the run starts, and `GRPOTask.prepare` attaches it, loading the model once.
     """
 
     fields: tuple[str, ...] = ()
@@ -203,7 +203,6 @@ class RewardModelScore:
         self, tokenizer, *, system_prompt, max_prompt_len, max_length, load_model, placement
     ):
         """Loads the model on the run's mesh (`load_model(directory)`) and fixes the layout."""
-        self.check(tokenizer)
         self._model, self._placement = load_model(self.checkpoint), placement
         self._tokenizer, self._system_prompt = tokenizer, system_prompt
         self._max_prompt_len = max_prompt_len
