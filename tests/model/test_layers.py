@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -35,3 +36,25 @@ def test_project_equals_autodiff(x_shape, kernel_shape):
     for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape",
+    [((2, 128, 64), (64, 4, 16)), ((2, 128, 4, 16), (4, 16, 64)), ((2, 128, 176), (176, 64))],
+)
+def test_project_in_bfloat16_accumulates_in_float32(x_shape, kernel_shape):
+    """bf16 operands, long sums (the kernel's gradient sums 256 tokens): each result is the
+    float32 product of the same bf16 values rounded once to bf16, give or take that rounding.
+    The last case is the down projection's shape, whose kernel gradient XLA's CPU backend
+    could not run in this precision with the operands the other way round."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.bfloat16)
+    y, vjp = jax.vjp(project, x, kernel)
+    cotangent = jnp.asarray(rng.normal(size=y.shape), jnp.bfloat16)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    want_y, want_vjp = jax.vjp(_plain, f32(x), f32(kernel))
+    for got, want in zip((y, *vjp(cotangent)), (want_y, *want_vjp(f32(cotangent)))):
+        assert got.dtype == jnp.bfloat16
+        # One bf16 rounding is at most 2^-8 relative; a sum accumulated in bf16 drifts further.
+        np.testing.assert_allclose(f32(got), want, rtol=2**-8, atol=1e-6)
