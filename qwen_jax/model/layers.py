@@ -184,8 +184,9 @@ def project(x, kernel):
 
     The kernel's gradient sums x ⊗ g over tokens. Autodiff writes it as a product with g on the
     left, whose contracted token axis is then its major one, so XLA's CPU backend transposes g
-    first; for the MLP's up-projections g is 2.75× the size of x. Here the smaller operand is the
-    one on the left (and so the one transposed): a copy of the narrower array instead of the wider.
+    first; for the MLP's up-projections g is 2.75× the size of x. Here, in float32, the smaller
+    operand is the one on the left (and so the one transposed): a copy of the narrower array
+    instead of the wider. Every product has a float32 result, rounded to the operands' dtype.
     """
     return _contract(x, kernel)
 
