@@ -119,8 +119,8 @@ def _train(workdir, pairs, init_from, seed: int, steps: int):
 # after 60 steps. Before, the new score head is a random draw, and so is its accuracy
 # (0.19-0.90): a head that happens to align with the answer style starts high. So each seed must
 # end well above chance, and the seeds together must rise. The start is fixed by the seeds below
-# (0.21, 0.74, 0.35); measured mean rise 0.37, and 0.32 were every run to end at the worst
-# figure of the 8 (0.75).
+# (0.21, 0.74, 0.35); the measured mean rise is 0.37, and it would be 0.32 if every run ended at
+# the worst of the 8 figures (0.75).
 RM_STEPS = 60
 MIN_ACCURACY = 0.65
 MIN_MEAN_RISE = 0.1
