@@ -3,10 +3,12 @@
     python -m qwen_jax.bench.decode --gin_file=configs/demo/model.gin \
         --batch=4 --prompt_len=64 --new_tokens=64 --repeats=3
 
-A random model of the gin file's architecture (fp32 weights; `layers.Runtime.dtype` sets our
-compute dtype, default float32) is exported with `convert.hf.save_model` and read back by
-transformers' `Qwen2ForCausalLM` (SDPA attention; bf16 autocast when ours computes in bf16), so
-both sides decode the same weights. Each of `--repeats` rounds times our `generate` (the
+A random model of the gin file's architecture is exported with `convert.hf.save_model` and read
+back by transformers' `Qwen2ForCausalLM` (SDPA attention), so both sides decode the same weights.
+`layers.Runtime.param_dtype` is the weights' dtype on both sides (float32 by default; bfloat16,
+with `layers.Runtime.dtype='bfloat16'` too, decodes a checkpoint as Qwen2.5's are published and
+served), `layers.Runtime.dtype` our compute dtype; bf16 compute over float32 weights runs the
+peer under bf16 autocast. Each of `--repeats` rounds times our `generate` (the
 compiled KV-cache loop, after one compiling call) and then transformers' `generate`, greedy on
 the same random left-padded prompts, every row generating all `--new_tokens` (no stop token ends
 a row). Prints each round, then one JSON line: the medians of generated tokens/s, their ratio,
@@ -16,7 +18,6 @@ part ways where two logits tie within rounding).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -61,7 +62,7 @@ def _ours(model, ids, mask, new_tokens: int, stop: int):
     return np.asarray(tokens), seconds
 
 
-def _peer(model, ids, mask, new_tokens: int, bf16: bool):
+def _peer(model, ids, mask, new_tokens: int, autocast: bool):
     import torch
 
     inputs = dict(input_ids=torch.as_tensor(ids).long(), attention_mask=torch.as_tensor(mask))
@@ -74,7 +75,7 @@ def _peer(model, ids, mask, new_tokens: int, bf16: bool):
     )
 
     def call():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return model.generate(**inputs, **options)[:, ids.shape[1] :].numpy()
 
     call()  # warms up
@@ -91,21 +92,21 @@ def main() -> None:
 
     cli.parse_gin(cli.GIN_FILE.value, cli.GIN_PARAM.value)
     config, runtime = configurables.QwenConfig(), configurables.Runtime()
-    runtime = dataclasses.replace(runtime, param_dtype="float32")
     model = Qwen2ForCausalLM(config, runtime, rngs=nnx.Rngs(0))
     with tempfile.TemporaryDirectory() as directory:
-        hf.save_model(model, f"{directory}/hf", dtype="float32")
+        hf.save_model(model, f"{directory}/hf", dtype=runtime.param_dtype)
         peer = transformers.Qwen2ForCausalLM.from_pretrained(
-            f"{directory}/hf", dtype=torch.float32, attn_implementation="sdpa"
+            f"{directory}/hf",
+            dtype=getattr(torch, runtime.param_dtype),
+            attn_implementation="sdpa",
         ).eval()
+    autocast = runtime.dtype == "bfloat16" and runtime.param_dtype == "float32"
     ids, mask = _prompts(config.vocab_size, FLAGS.batch, FLAGS.prompt_len)
     generated = FLAGS.batch * FLAGS.new_tokens
     rounds = []
     for _ in range(FLAGS.repeats):
         ours_tokens, ours_s = _ours(model, ids, mask, FLAGS.new_tokens, config.vocab_size - 1)
-        peer_tokens, peer_s = _peer(
-            peer, ids, mask, FLAGS.new_tokens, bf16=runtime.dtype == "bfloat16"
-        )
+        peer_tokens, peer_s = _peer(peer, ids, mask, FLAGS.new_tokens, autocast)
         rounds.append((generated / ours_s, generated / peer_s))
         print(
             json.dumps({"qwen_jax_tokens_per_s": rounds[-1][0], "peer_tokens_per_s": rounds[-1][1]})
@@ -116,11 +117,14 @@ def main() -> None:
             {
                 "device": jax.devices()[0].device_kind,
                 "dtype": runtime.dtype,
+                "param_dtype": runtime.param_dtype,
                 "batch": FLAGS.batch,
                 "prompt_len": FLAGS.prompt_len,
                 "new_tokens": FLAGS.new_tokens,
                 "qwen_jax_tokens_per_s": round(ours, 1),
                 "peer": f"transformers {transformers.__version__} + torch {torch.__version__}",
+                "peer_param_dtype": str(peer.dtype).removeprefix("torch."),
+                "peer_autocast": autocast,
                 "peer_tokens_per_s": round(theirs, 1),
                 "ratio": round(ours / theirs, 3),
                 "rows_with_the_same_tokens": int(
